@@ -1,0 +1,44 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make demo   -> set up .venv, prepare the demo data, train MIND, evaluate it with Milvus Lite
+#   make test   -> set up .venv (with test tools) and run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODELS := models
+
+.PHONY: install install-dev demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version.split()[0]'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps paddle-serving-server==0.9.0
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+demo: install
+	$(BIN)/paddlerec-milvus prepare-data --input $(MODELS)/mind/data/demo_clicks.csv.gz \
+		--output $(MODELS)/mind/data/demo --overwrite
+	cd $(MODELS) && ../$(BIN)/python -u trainer.py -m mind/config.yaml
+	cd $(MODELS) && ../$(BIN)/python -u infer.py -m mind/config.yaml -top_n 50
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+bench: install-dev
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(MODELS)/mind/output_model_mind* $(MODELS)/mind/output_milvus

@@ -1,0 +1,71 @@
+"""Glue between MIND and a PaddleRec-style runner (ours, or PaddleRec's tools/trainer.py)."""
+
+import numpy as np
+import paddle
+
+import net
+
+
+class DygraphModel:
+    """The PaddleRec model-zoo interface for MIND."""
+
+    def create_model(self, config):
+        item_count = config.get("hyper_parameters.item_count", None)
+        if not isinstance(item_count, int) or item_count < 2:
+            raise ValueError(
+                f"hyper_parameters.item_count must be an integer >= 2 (largest item id + 1), got {item_count!r}"
+            )
+        embedding_dim = config.get("hyper_parameters.embedding_dim", 64)
+        hidden_size = config.get("hyper_parameters.hidden_size", embedding_dim)
+        if hidden_size != embedding_dim:
+            raise ValueError(
+                "hyper_parameters.hidden_size must equal embedding_dim: interests are searched "
+                f"against item embeddings (got {hidden_size} vs {embedding_dim})"
+            )
+        return net.MindLayer(
+            item_count,
+            embedding_dim,
+            hidden_size,
+            config.get("hyper_parameters.neg_samples", 1280),
+            config.get("hyper_parameters.maxlen", 20),
+            config.get("hyper_parameters.pow_p", 1.0),
+            config.get("hyper_parameters.capsual.iters", 3),
+            config.get("hyper_parameters.capsual.max_k", 4),
+            config.get("hyper_parameters.capsual.init_std", 1.0),
+        )
+
+    def create_feeds_train(self, batch_data):
+        hist_item = paddle.to_tensor(np.asarray(batch_data[0]), dtype="int64")
+        target_item = paddle.to_tensor(np.asarray(batch_data[1]), dtype="int64")
+        seq_len = paddle.to_tensor(np.asarray(batch_data[2]), dtype="int64")
+        return [hist_item, target_item, seq_len]
+
+    def create_feeds_infer(self, batch_data):
+        hist_item = paddle.to_tensor(np.asarray(batch_data[0]), dtype="int64")
+        seq_len = paddle.to_tensor(np.asarray(batch_data[1]), dtype="int64")
+        return [hist_item, seq_len]
+
+    def create_loss(self, loss):
+        return paddle.mean(loss)
+
+    def create_optimizer(self, dy_model, config):
+        lr = config.get("hyper_parameters.optimizer.learning_rate", 0.001)
+        # lazy_mode: Adam touches only the embedding rows a batch used (sparse gradients).
+        return paddle.optimizer.Adam(
+            learning_rate=lr, parameters=dy_model.parameters(), lazy_mode=True
+        )
+
+    def create_metrics(self):
+        return [], []
+
+    def train_forward(self, dy_model, metrics_list, batch_data, config):
+        hist_item, target_item, seq_len = self.create_feeds_train(batch_data)
+        loss, _ = dy_model.forward(hist_item, seq_len, target_item)
+        loss = self.create_loss(loss)
+        return loss, metrics_list, {"loss": loss}
+
+    def infer_forward(self, dy_model, metrics_list, batch_data, config):
+        hist_item, seq_len = self.create_feeds_infer(batch_data)
+        dy_model.eval()
+        interests, weight = dy_model.forward(hist_item, seq_len)
+        return interests, weight

@@ -1,0 +1,132 @@
+"""MIND: Multi-Interest Network with Dynamic routing (Li et al. 2019), the network only.
+
+Shapes: B users, L = maxlen history slots, K = max_k interests, D = embedding_dim.
+History rows are left-aligned and zero-padded; ``seq_len`` says how many slots are real,
+and padded slots never influence the interests (their routing weight is exactly 0).
+"""
+
+import math
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+
+def squash(z, eps=1e-9):
+    """Capsule non-linearity: keeps the direction, maps the norm into [0, 1)."""
+    sq = paddle.sum(z * z, axis=-1, keepdim=True)
+    return z * (sq / (1.0 + sq)) / paddle.sqrt(sq + eps)
+
+
+class CapsuleRouting(nn.Layer):
+    """Behaviour-to-interest dynamic routing with one shared bilinear map.
+
+    Routing logits start from a fixed, seeded matrix stored with the model (not redrawn per
+    call), so the same history always gives the same interests, online and offline.
+    The softmax is taken over the interest axis in every iteration.
+    """
+
+    def __init__(self, dim, hidden_size, maxlen, max_k, iters, init_std):
+        super().__init__()
+        self.max_k, self.iters, self.maxlen = max_k, iters, maxlen
+        self.bilinear = self.create_parameter(
+            [dim, hidden_size], default_initializer=nn.initializer.XavierUniform()
+        )
+        self.routing_init = self.create_parameter(
+            [max_k, maxlen], default_initializer=nn.initializer.Normal(0.0, init_std)
+        )
+        self.routing_init.stop_gradient = True
+
+    def forward(self, item_emb, seq_len):
+        # item_emb [B, L, D], seq_len [B] or [B, 1]
+        seq_len = paddle.reshape(seq_len, [-1, 1]).astype("int64")
+        positions = paddle.arange(self.maxlen, dtype="int64").unsqueeze(0)
+        mask = (positions < seq_len).astype(item_emb.dtype).unsqueeze(1)  # [B, 1, L]
+        low = paddle.matmul(item_emb, self.bilinear)  # [B, L, H]
+        low_fixed = low.detach()
+        logits = self.routing_init.unsqueeze(0) + paddle.zeros_like(mask)  # [B, K, L]
+        for i in range(self.iters):
+            weight = F.softmax(logits, axis=1) * mask  # [B, K, L]
+            if i < self.iters - 1:
+                interests = squash(paddle.matmul(weight, low_fixed))  # [B, K, H]
+                logits = logits + paddle.matmul(interests, low_fixed, transpose_y=True)
+            else:
+                interests = squash(paddle.matmul(weight, low))
+        return interests, weight
+
+
+class LogUniformSampler:
+    """Negatives drawn ~ log-uniform over ids 1..n (dense ids are ranked by popularity).
+
+    P(r) = log((r + 1) / r) / log(n + 1); ``log_q`` is log(expected count) for log-Q correction.
+    """
+
+    def __init__(self, num_items):
+        self.n = num_items  # candidate ids are 1..n; 0 is padding
+        self.log_range = math.log(self.n + 1)
+
+    def sample(self, num):
+        u = paddle.rand([num], dtype="float32")
+        ids = paddle.floor(paddle.exp(u * self.log_range)).astype("int64")
+        return paddle.clip(ids, 1, self.n)
+
+    def log_q(self, ids, num):
+        r = ids.astype("float32")
+        prob = (paddle.log(r + 1.0) - paddle.log(r)) / self.log_range
+        return paddle.log(prob * num + 1e-12)
+
+
+class MindLayer(nn.Layer):
+    """Item tower = the embedding table; user tower = routing over the history."""
+
+    def __init__(self, item_count, embedding_dim=64, hidden_size=64, neg_samples=1280,
+                 maxlen=20, pow_p=1.0, capsual_iters=3, capsual_max_k=4,
+                 capsual_init_std=1.0):
+        super().__init__()
+        self.item_count = item_count
+        self.neg_samples = neg_samples
+        self.pow_p = float(pow_p)
+        self.item_emb = nn.Embedding(
+            item_count, embedding_dim, padding_idx=0, sparse=True,
+            weight_attr=paddle.ParamAttr(initializer=nn.initializer.XavierUniform()),
+        )
+        self.capsule = CapsuleRouting(embedding_dim, hidden_size, maxlen, capsual_max_k,
+                                      capsual_iters, capsual_init_std)
+        self.sampler = LogUniformSampler(item_count - 1)
+
+    def interests(self, hist_item, seq_len):
+        """The user tower: [B, L] ids and lengths -> [B, K, H] interest vectors."""
+        interests, _ = self.capsule(self.item_emb(hist_item), seq_len)
+        return interests
+
+    def label_aware_attention(self, interests, target_emb):
+        """Weight the K interests by their match with the target (softmax of score**p)."""
+        score = paddle.sum(interests * target_emb.unsqueeze(1), axis=-1)  # [B, K]
+        if self.pow_p != 1.0:
+            score = paddle.sign(score) * paddle.pow(paddle.abs(score), self.pow_p)
+        att = F.softmax(score, axis=-1).unsqueeze(-1)
+        return paddle.sum(att * interests, axis=1)  # [B, H]
+
+    def sampled_softmax_loss(self, user_vec, target):
+        """Sampled softmax over shared negatives, accidental hits removed, log-Q corrected."""
+        target = paddle.reshape(target, [-1])
+        negs = self.sampler.sample(self.neg_samples)
+        pos_w = self.item_emb(target)  # [B, D]
+        neg_w = self.item_emb(negs)  # [S, D]
+        pos_logit = paddle.sum(user_vec * pos_w, axis=-1, keepdim=True)
+        pos_logit = pos_logit - self.sampler.log_q(target, self.neg_samples).unsqueeze(-1)
+        neg_logit = paddle.matmul(user_vec, neg_w, transpose_y=True)
+        neg_logit = neg_logit - self.sampler.log_q(negs, self.neg_samples).unsqueeze(0)
+        hit = (negs.unsqueeze(0) == target.unsqueeze(-1)).astype(neg_logit.dtype)
+        neg_logit = neg_logit - hit * 1e9
+        logits = paddle.concat([pos_logit, neg_logit], axis=-1)
+        return paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0])
+
+    def forward(self, hist_item, seq_len, target_item=None):
+        """Training (target given): mean loss and interests; otherwise interests and weights."""
+        interests, weight = self.capsule(self.item_emb(hist_item), seq_len)
+        if target_item is None:
+            return interests, weight
+        target_emb = self.item_emb(paddle.reshape(target_item, [-1]))
+        user_vec = self.label_aware_attention(interests, target_emb)
+        return self.sampled_softmax_loss(user_vec, target_item), interests

@@ -1,0 +1,156 @@
+"""Command-line entry points: ``paddlerec-milvus`` and the model zoo's trainer/infer scripts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import PaddleRecMilvusError
+
+logger = logging.getLogger("paddlerec_milvus")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _run(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command; a user's mistake is one line on stderr and exit code 2, not a trace."""
+    try:
+        return fn(args) or 0
+    except PaddleRecMilvusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("-m", "--config_yaml", default=default, required=default is None,
+                   help="model config YAML (e.g. mind/config.yaml)")
+    p.add_argument("-o", "--opt", nargs="*", action="extend", default=[],
+                   help="override a config key: -o runner.epochs=3 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    path = args.config_yaml
+    if not os.path.isabs(path) and not os.path.exists(path):
+        # Like PaddleRec: `-m mind/config.yaml` from models/, or from the repo root.
+        alt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", path)
+        if os.path.exists(alt):
+            path = alt
+    return load_config(path, args.opt)
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from .data_prep import prepare_data
+
+    stats = prepare_data(
+        args.input, args.output, seed=args.seed, min_user_clicks=args.min_user_clicks,
+        min_item_clicks=args.min_item_clicks, sep=args.sep,
+        skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite,
+    )
+    print(f"wrote {args.output}: {stats.users} users "
+          f"({stats.train_users} train / {stats.valid_users} valid / {stats.test_users} test), "
+          f"{stats.items} items, {stats.interactions} clicks"
+          + (f", {stats.bad_lines_skipped} bad lines skipped" if stats.bad_lines_skipped else ""))
+    print(f"set hyper_parameters.item_count: {stats.item_count}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runner import train
+
+    summary = train(_load(args))
+    for e in summary.epochs:
+        print(f"epoch {e.epoch}: loss {e.mean_loss:.4f}, {e.samples_per_s:.0f} samples/s, "
+              f"{e.seconds:.1f} s -> {e.checkpoint}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_epochs
+
+    results = evaluate_epochs(_load(args), top_n=args.top_n, paddlerec_metrics=args.paddlerec_metrics,
+                              exact=args.exact)
+    for r in results:
+        print(r.format_line())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paddlerec-milvus",
+                                     description="MIND multi-interest recall with Milvus")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-data", help="raw user,item,timestamp logs -> MIND data folder")
+    p.add_argument("--input", required=True, help="CSV (or .csv.gz) of user,item,timestamp")
+    p.add_argument("--output", required=True, help="folder to write (train/ valid/ test/ ...)")
+    p.add_argument("--seed", type=int, default=2021)
+    p.add_argument("--min-user-clicks", type=int, default=5)
+    p.add_argument("--min-item-clicks", type=int, default=5)
+    p.add_argument("--sep", default=",")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed lines (counted) instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(fn=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train a model directory (as models/trainer.py)")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("infer", help="evaluate checkpoints with Milvus (as models/infer.py)")
+    _add_config_args(p)
+    _add_infer_args(p)
+    p.set_defaults(fn=cmd_infer)
+    return parser
+
+
+def _add_infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-top_n", "--top_n", type=int, default=50)
+    p.add_argument("--paddlerec-metrics", action="store_true",
+                   help="also report PaddleRec's NDCG variant (IDCG over the hits only)")
+    p.add_argument("--exact", action="store_true",
+                   help="search with exact numpy top-k instead of Milvus (for comparisons)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return _run(args.fn, args)
+
+
+def trainer_main(argv: Sequence[str] | None = None) -> int:
+    """``models/trainer.py``: PaddleRec's trainer command line."""
+    p = argparse.ArgumentParser(description="train a PaddleRec-style model directory")
+    _add_config_args(p, default="mind/config.yaml")
+    args = p.parse_args(argv)
+    setup_logging()
+    return _run(cmd_train, args)
+
+
+def infer_main(argv: Sequence[str] | None = None) -> int:
+    """``models/infer.py``: PaddleRec's infer command line, searching Milvus."""
+    p = argparse.ArgumentParser(description="evaluate checkpoints with Milvus recall")
+    _add_config_args(p, default="mind/config.yaml")
+    _add_infer_args(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    return _run(cmd_infer, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,146 @@
+"""PaddleRec-style YAML config read as flattened dotted keys.
+
+PaddleRec users write ``runner.train_batch_size`` and override with ``-o key=value``;
+this module keeps exactly that contract, adds typed casting of overrides, clear errors,
+and resolution of relative paths against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+# Keys whose values are paths: resolved against the config file's folder when relative.
+PATH_KEYS = (
+    "runner.train_data_dir",
+    "runner.test_data_dir",
+    "runner.valid_data_dir",
+    "runner.model_save_path",
+    "runner.model_init_path",
+    "runner.infer_load_path",
+    "runner.metrics_output_path",
+    "runner.item_map_path",
+    "runner.export_path",
+    "milvus.uri",
+)
+SECTIONS = ("runner", "hyper_parameters", "workspace", "milvus", "serving")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value}, as PaddleRec's load_yaml does."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _cast(key: str, raw: str, current: Any) -> Any:
+    """Cast an override string to the type of the value it replaces."""
+    if current is None:
+        return yaml.safe_load(raw) if raw != "" else None
+    if isinstance(current, bool):
+        low = raw.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"override {key}={raw!r}: expected a boolean (True/False)")
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"override {key}={raw!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"override {key}={raw!r}: expected a number") from None
+    if isinstance(current, list):
+        value = yaml.safe_load(raw)
+        if not isinstance(value, list):
+            raise ConfigError(f"override {key}={raw!r}: expected a list like [1, 2]")
+        return value
+    return raw
+
+
+def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings; unknown keys are an error with a suggestion."""
+    for item in overrides or ():
+        item = item.strip()
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in config:
+            if not any(key.startswith(s + ".") for s in SECTIONS):
+                close = difflib.get_close_matches(key, list(config), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"override of unknown key {key!r}{hint}")
+            close = difflib.get_close_matches(key, list(config), n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"override of unknown key {key!r} (did you mean {close[0]!r}?)")
+            config[key] = yaml.safe_load(raw) if raw else None
+            continue
+        config[key] = _cast(key, raw, config[key])
+    return config
+
+
+def resolve_path(config: Mapping[str, Any], value: str | None) -> str | None:
+    """A path from the config, absolute (relative ones are taken from the config's folder)."""
+    if value is None or value == "":
+        return value
+    value = os.path.expanduser(str(value))
+    if "://" in value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(config.get("config_abs_dir", "."), value))
+
+
+def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+    """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS[:3])}")
+    config = flatten(tree)
+    config["config_abs_dir"] = os.path.dirname(os.path.abspath(path))
+    config["config_path"] = os.path.abspath(path)
+    apply_overrides(config, overrides or ())
+    for key in PATH_KEYS:
+        if isinstance(config.get(key), str):
+            config[key] = resolve_path(config, config[key])
+    return config
+
+
+def require(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...] | None = None) -> Any:
+    """A value that must be present (and of ``kind``), else a ConfigError naming the key."""
+    if key not in config or config[key] is None:
+        raise ConfigError(f"{config.get('config_path', 'config')}: missing required key {key!r}")
+    value = config[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    wrong = kind is not None and (
+        not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+    )
+    if wrong:
+        raise ConfigError(
+            f"{config.get('config_path', 'config')}: key {key!r} = {value!r} has the wrong type"
+        )
+    return value

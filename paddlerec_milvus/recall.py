@@ -1,0 +1,115 @@
+"""The recall core shared by evaluation, the Paddle Serving Ops and the REST API:
+K interest vectors per user -> K searches -> one merged top-k list per user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class VectorSearcher(Protocol):
+    """What the core needs of an index: top-``limit`` (ids, scores) per query vector.
+
+    Rows shorter than ``limit`` are padded with id -1 and score -inf.
+    """
+
+    dim: int
+
+    def search_vectors(self, queries: np.ndarray, limit: int,
+                       filter: str | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class UserRecall:
+    ids: list[int]
+    scores: list[float]
+
+
+def merge_interest_hits(ids: np.ndarray, scores: np.ndarray, top_k: int,
+                        exclude: Collection[int] = ()) -> UserRecall:
+    """Union of the K per-interest lists: an item's score is its best score; padding (id <= 0)
+    and ``exclude`` are dropped; ordered by score (desc), then id (asc); cut at ``top_k``."""
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    keep = ids > 0
+    if len(exclude):
+        keep &= ~np.isin(ids, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+    ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))
+    ids, scores = ids[order], scores[order]
+    _, first = np.unique(ids, return_index=True)  # first = best-scored occurrence
+    first.sort()
+    first = first[:top_k]
+    return UserRecall(ids[first].tolist(), scores[first].tolist())
+
+
+def recall_top_k(index: VectorSearcher, interests: np.ndarray, top_k: int,
+                 histories: Sequence[Collection[int]] | None = None,
+                 exclude_history: bool = False, filter: str | None = None) -> list[UserRecall]:
+    """Search every user's K interests in one batched call and merge per user."""
+    interests = np.asarray(interests, dtype=np.float32)
+    if interests.ndim == 2:
+        interests = interests[:, None, :]
+    n, k, dim = interests.shape
+    if dim != index.dim:
+        raise ValueError(f"interest vectors have dim {dim}, the index holds dim {index.dim}")
+    extra = 0
+    if exclude_history and histories is not None:
+        extra = max((len(set(h)) for h in histories), default=0)
+    ids, scores = index.search_vectors(interests.reshape(n * k, dim), top_k + extra, filter)
+    ids, scores = ids.reshape(n, -1), scores.reshape(n, -1)
+    out = []
+    for u in range(n):
+        exclude = set(histories[u]) if exclude_history and histories is not None else ()
+        out.append(merge_interest_hits(ids[u], scores[u], top_k, exclude))
+    return out
+
+
+class ExactIndex:
+    """Exact inner-product top-k in numpy: the ground truth Milvus results are checked against."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.ids = np.empty(0, dtype=np.int64)
+        self.vectors = np.empty((0, dim), dtype=np.float32)
+
+    def upsert(self, ids: Sequence[int], vectors: np.ndarray, **_: object) -> int:
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        keep = ~np.isin(self.ids, ids)
+        self.ids = np.concatenate([self.ids[keep], ids])
+        self.vectors = np.concatenate([self.vectors[keep], vectors])
+        return len(ids)
+
+    def count(self) -> int:
+        return len(self.ids)
+
+    def drop(self) -> None:
+        self.__init__(self.dim)
+
+    def close(self) -> None:
+        pass
+
+    def search_vectors(self, queries: np.ndarray, limit: int,
+                       filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if filter:
+            raise ValueError("ExactIndex does not evaluate filters; use Milvus")
+        q = np.asarray(queries, dtype=np.float32)
+        limit_eff = min(limit, len(self.ids))
+        ids = np.full((len(q), limit), -1, dtype=np.int64)
+        scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
+        if limit_eff == 0:
+            return ids, scores
+        for s in range(0, len(q), 1024):
+            sc = q[s:s + 1024] @ self.vectors.T
+            part = np.argpartition(-sc, limit_eff - 1, axis=1)[:, :limit_eff]
+            ps = np.take_along_axis(sc, part, axis=1)
+            pid = self.ids[part]
+            order = np.lexsort((pid, -ps), axis=1)
+            ids[s:s + 1024, :limit_eff] = np.take_along_axis(pid, order, axis=1)
+            scores[s:s + 1024, :limit_eff] = np.take_along_axis(ps, order, axis=1)
+        return ids, scores

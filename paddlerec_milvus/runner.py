@@ -1,0 +1,128 @@
+"""The shared training loop for a PaddleRec-style model directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .model_dir import create_reader, load_dygraph_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochSummary:
+    epoch: int
+    mean_loss: float
+    samples: int
+    seconds: float
+    samples_per_s: float
+    checkpoint: str
+
+
+@dataclass
+class TrainSummary:
+    epochs: list[EpochSummary] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        secs = sum(e.seconds for e in self.epochs)
+        return sum(e.samples for e in self.epochs) / secs if secs else 0.0
+
+
+def set_device(config: dict[str, Any]) -> str:
+    """``gpu`` when asked and available, else ``cpu`` (with one clear warning)."""
+    if config.get("runner.use_gpu", False):
+        if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+            paddle.set_device("gpu")
+            return "gpu"
+        logger.warning("runner.use_gpu is True but this Paddle has no usable GPU "
+                       "(install paddlepaddle-gpu on a CUDA machine); running on CPU")
+    paddle.set_device("cpu")
+    return "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    paddle.seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _resume_epoch(init_path: str) -> int:
+    """A checkpoint folder named by its epoch resumes at the next epoch; others start at 0."""
+    name = os.path.basename(os.path.normpath(init_path))
+    return int(name) + 1 if name.isdigit() else 0
+
+
+def train(config: dict[str, Any]) -> TrainSummary:
+    """Train for ``runner.epochs``; save ``{model_save_path}/{epoch}/rec.pdparams`` each epoch."""
+    seed = int(config.get("runner.seed", 12345))
+    seed_everything(seed)
+    device = set_device(config)
+    dm = load_dygraph_model(config)
+    model = dm.create_model(config)
+    optimizer = dm.create_optimizer(model, config)
+    metrics_list, _ = dm.create_metrics()
+    reader = create_reader(config, "train")
+    save_path = config.get("runner.model_save_path") or "output_model"
+    epochs = int(config.get("runner.epochs", 1))
+    batch_size = int(config.get("runner.train_batch_size", 128))
+    print_interval = max(1, int(config.get("runner.print_interval", 100) or 100))
+
+    start_epoch = 0
+    init_path = config.get("runner.model_init_path")
+    if init_path:
+        load_checkpoint(model, init_path, optimizer)
+        start_epoch = _resume_epoch(init_path)
+        logger.info("resumed from %s; starting at epoch %d", init_path, start_epoch)
+
+    summary = TrainSummary()
+    logger.info("training on %s: epochs %d..%d, batch %d, %d training users",
+                device, start_epoch, epochs - 1, batch_size, getattr(reader, "num_users", -1))
+    for epoch in range(start_epoch, epochs):
+        # Per-epoch seeding makes a resumed run identical to an uninterrupted one.
+        paddle.seed(seed + 1000 * (epoch + 1))
+        if hasattr(reader, "set_epoch"):
+            reader.set_epoch(epoch)
+        if hasattr(reader, "iter_batches"):
+            batches = reader.iter_batches(batch_size)
+            total = getattr(reader, "batches_per_epoch", None)
+        else:
+            batches = paddle.io.DataLoader(reader, batch_size=batch_size, drop_last=True)
+            total = None
+        model.train()
+        t0 = time.perf_counter()
+        losses, samples = [], 0
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit=" batch", disable=None,
+                   mininterval=1.0)
+        for batch_id, batch in enumerate(bar):
+            loss, metrics_list, _ = dm.train_forward(model, metrics_list, batch, config)
+            model.clear_gradients()
+            loss.backward()
+            optimizer.step()
+            samples += len(batch[0])
+            if batch_id % print_interval == 0 or total is not None and batch_id == total - 1:
+                value = float(loss)
+                if not np.isfinite(value):
+                    raise FloatingPointError(f"epoch {epoch} batch {batch_id}: loss is {value}")
+                losses.append(value)
+                rate = samples / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}")
+        seconds = time.perf_counter() - t0
+        ckpt = save_checkpoint(model, optimizer, save_path, epoch,
+                               {"mean_loss": float(np.mean(losses)) if losses else None})
+        es = EpochSummary(epoch, float(np.mean(losses)) if losses else float("nan"), samples,
+                          seconds, samples / seconds if seconds else 0.0, ckpt)
+        summary.epochs.append(es)
+        logger.info("epoch %d done: loss %.4f, %d samples in %.1f s (%.0f samples/s), saved %s",
+                    epoch, es.mean_loss, samples, seconds, es.samples_per_s, ckpt)
+    return summary
