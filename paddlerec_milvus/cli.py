@@ -88,6 +88,28 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    m = export_model(_load(args), args.output, epoch=args.epoch, collection=args.collection)
+    print(f"exported epoch {m.epoch} (version {m.model_version}) to {args.output}: "
+          f"{m.items_indexed} items in {m.milvus_uri} collection {m.collection}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serving_pipeline import serve_main
+
+    return serve_main(args.config)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from .rest_api import run_api
+
+    return run_api(host=args.host, port=args.port, export_dir=args.export_dir,
+                   milvus_uri=args.milvus_uri, collection=args.collection)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paddlerec-milvus",
                                      description="MIND multi-interest recall with Milvus")
@@ -114,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_infer_args(p)
     p.set_defaults(fn=cmd_infer)
+
+    p = sub.add_parser("export", help="export the user tower + item vectors for serving")
+    _add_config_args(p)
+    p.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: latest)")
+    p.add_argument("--output", required=True, help="folder for the inference model and manifest")
+    p.add_argument("--collection", default=None, help="serving collection/alias (default milvus.collection)")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve", help="run the Paddle Serving pipeline (RPC + HTTP) in the foreground")
+    p.add_argument("-c", "--config", default="serving/config.yml")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("api", help="run the REST API (FastAPI/uvicorn) in the foreground")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--export-dir", default=None, help="exported model folder (default: env or output/export)")
+    p.add_argument("--milvus-uri", default=None)
+    p.add_argument("--collection", default=None)
+    p.set_defaults(fn=cmd_api)
     return parser
 
 

@@ -33,6 +33,8 @@ def _pymilvus():
     with warnings.catch_warnings():  # milvus-lite 2.5 imports the deprecated pkg_resources
         warnings.simplefilter("ignore")
         import pymilvus
+    # pymilvus logs every failed RPC at ERROR; this facade turns those into clear exceptions.
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     return pymilvus
 
 
@@ -170,7 +172,7 @@ class ItemIndex:
         if missing:
             raise MilvusIndexError(f"collection {name!r} lacks scalar fields {missing}")
         for idx in self._call("list_indexes", lambda: c.list_indexes(name)):
-            info = self._call("describe_index", lambda: c.describe_index(name, idx))
+            info = self._call("describe_index", lambda idx=idx: c.describe_index(name, idx))
             metric = str(info.get("metric_type", "IP")).upper()
             if info.get("field_name", "embedding") == "embedding" and metric != self.metric:
                 raise MilvusIndexError(
@@ -200,14 +202,16 @@ class ItemIndex:
         fields = dict(fields or {})
         unknown = set(fields) - set(self.scalar_fields)
         if unknown:
-            raise MilvusIndexError(f"unknown scalar fields {sorted(unknown)} (declared: {self.scalar_fields})")
+            raise MilvusIndexError(
+                f"unknown scalar fields {sorted(unknown)} (declared: {self.scalar_fields})")
         vectors = vectors.astype(np.float32, copy=False)
         written = 0
         bar = tqdm(total=len(ids), desc=f"upsert {self.collection}", unit=" items",
                    disable=None if progress else True, mininterval=1.0)
         for s in range(0, len(ids), self.batch_size):
             rows = [{"item_id": int(i), "embedding": v}
-                    for i, v in zip(ids[s:s + self.batch_size], vectors[s:s + self.batch_size].tolist())]
+                    for i, v in zip(ids[s:s + self.batch_size],
+                                    vectors[s:s + self.batch_size].tolist())]
             for name, values in fields.items():
                 for r, value in zip(rows, values[s:s + self.batch_size]):
                     r[name] = int(value)

@@ -79,3 +79,36 @@ def trained_demo(demo_model_dir) -> dict:
                  "runner.infer_start_epoch=1", "runner.infer_end_epoch=2"]
     train(load_config(cfg_path, overrides))
     return {"config_path": cfg_path, "overrides": overrides}
+
+
+def _run_cli(*args: str, cwd: str | None = None) -> str:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "paddlerec_milvus.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def exported_demo(trained_demo, tmp_path_factory) -> dict:
+    """The trained demo model exported (in a subprocess, so no Lite file stays open here) into
+    a fresh Milvus Lite file. Keys: export_dir, milvus_uri, collection, config_path."""
+    base = tmp_path_factory.mktemp("export")
+    uri = str(base / "serving.db")
+    export_dir = str(base / "model")
+    _run_cli("export", "-m", trained_demo["config_path"], "-o", *trained_demo["overrides"],
+             f"milvus.uri={uri}", "milvus.collection=demo_serving", "--output", export_dir)
+    return {"export_dir": export_dir, "milvus_uri": uri, "collection": "demo_serving",
+            "config_path": trained_demo["config_path"], "overrides": trained_demo["overrides"]}
+
+
+@pytest.fixture(scope="session")
+def exported_demo_server(trained_demo, milvus_server, tmp_path_factory) -> dict:
+    """The same export into the real Milvus server (versioned collection behind an alias)."""
+    export_dir = str(tmp_path_factory.mktemp("export-server") / "model")
+    _run_cli("export", "-m", trained_demo["config_path"], "-o", *trained_demo["overrides"],
+             f"milvus.uri={milvus_server.uri}", "milvus.collection=demo_serving",
+             "--output", export_dir)
+    return {"export_dir": export_dir, "milvus_uri": milvus_server.uri, "collection": "demo_serving",
+            "config_path": trained_demo["config_path"], "overrides": trained_demo["overrides"]}

@@ -1,9 +1,8 @@
 """Glue between MIND and a PaddleRec-style runner (ours, or PaddleRec's tools/trainer.py)."""
 
+import net
 import numpy as np
 import paddle
-
-import net
 
 
 class DygraphModel:
@@ -13,7 +12,8 @@ class DygraphModel:
         item_count = config.get("hyper_parameters.item_count", None)
         if not isinstance(item_count, int) or item_count < 2:
             raise ValueError(
-                f"hyper_parameters.item_count must be an integer >= 2 (largest item id + 1), got {item_count!r}"
+                "hyper_parameters.item_count must be an integer >= 2 (largest item id + 1), "
+                f"got {item_count!r}"
             )
         embedding_dim = config.get("hyper_parameters.embedding_dim", 64)
         hidden_size = config.get("hyper_parameters.hidden_size", embedding_dim)

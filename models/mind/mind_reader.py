@@ -63,7 +63,8 @@ class RecDataset(IterableDataset):
         )
         order = np.lexsort((times, users))  # by user, then time; stable on ties
         users, items = users[order], items[order]
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.array([], np.int64)
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) \
+            else np.array([], np.int64)
         lengths = np.diff(np.r_[starts, len(users)])
         keep = lengths > MIN_HISTORY
         self.items = items

@@ -1,0 +1,200 @@
+"""Export for serving: the user tower as a Paddle inference model, the item-id map, a
+manifest, and the item vectors in Milvus keyed by the raw item ids users know.
+
+On a Milvus server each export writes a new versioned collection and then points the
+serving alias at it, so a running service switches models between two requests and never
+sees a half-filled collection. Milvus Lite has no aliases (and one process per file): there
+the serving collection is rewritten in place, with the service stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import paddle
+
+from .checkpoint import checkpoint_dir, latest_epoch, load_checkpoint
+from .config import resolve_path
+from .errors import ConfigError, DataError
+from .milvus_index import ItemIndex, is_local_uri
+from .model_dir import load_dygraph_model
+
+logger = logging.getLogger(__name__)
+MODEL_NAME = "user_tower"
+
+
+@dataclass
+class Manifest:
+    model_version: str
+    epoch: int
+    embedding_dim: int
+    max_k: int
+    maxlen: int
+    item_count: int
+    items_indexed: int
+    milvus_uri: str
+    collection: str  # what the service searches: the alias on a server, the collection on Lite
+    physical_collection: str
+    model_file: str
+    params_file: str
+
+    @classmethod
+    def load(cls, export_dir: str) -> Manifest:
+        """Read ``manifest.json``; the folder also has item_map.tsv and item_vectors.npy."""
+        path = os.path.join(export_dir, "manifest.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no exported model at {export_dir} (manifest.json missing; run "
+                              "`paddlerec-milvus export` first)")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def read_item_map(path: str | None, item_count: int) -> np.ndarray:
+    """raw id per dense id (index 0 = padding). Without a map, raw ids are the dense ids."""
+    raw = np.arange(item_count, dtype=np.int64)
+    if not path or not os.path.isfile(path):
+        return raw
+    with open(path, encoding="utf-8") as f:
+        header = f.readline()
+        if not header.startswith("item_id"):
+            raise DataError(f"{path}:1: expected header 'item_id<TAB>raw_id...'")
+        for line_no, line in enumerate(f, 2):
+            parts = line.rstrip("\n").split("\t")
+            try:
+                dense, raw_id = int(parts[0]), int(parts[1])
+            except (ValueError, IndexError):
+                raise DataError(f"{path}:{line_no}: raw item ids must be integers to key a Milvus "
+                                f"INT64 collection, got {line.strip()[:80]!r}") from None
+            if not 0 < dense < item_count:
+                raise DataError(f"{path}:{line_no}: item id {dense} outside 1..{item_count - 1}")
+            if raw_id <= 0:
+                raise DataError(f"{path}:{line_no}: raw id {raw_id} must be > 0 (0 is padding)")
+            raw[dense] = raw_id
+    return raw
+
+
+def default_item_map_path(config: dict[str, Any]) -> str | None:
+    if config.get("runner.item_map_path"):
+        return resolve_path(config, config["runner.item_map_path"])
+    train_dir = config.get("runner.train_data_dir")
+    return os.path.join(os.path.dirname(os.path.normpath(train_dir)), "item_map.tsv") if train_dir else None
+
+
+class UserTower(paddle.nn.Layer):
+    """History ids and lengths -> [B, K, dim] interests: what the serving model runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist_item, seq_len):
+        return self.model.interests(hist_item, seq_len)
+
+
+def save_user_tower(model, maxlen: int, out_dir: str) -> tuple[str, str]:
+    """``paddle.jit.save`` the user tower; returns (model file, params file) names."""
+    spec = [paddle.static.InputSpec([None, maxlen], "int64", "hist_item"),
+            paddle.static.InputSpec([None], "int64", "seq_len")]
+    tower = UserTower(model)
+    tower.eval()
+    paddle.jit.save(paddle.jit.to_static(tower, input_spec=spec, full_graph=True),
+                    os.path.join(out_dir, MODEL_NAME))
+    for ext in (".json", ".pdmodel"):  # Paddle 3.x writes .json, 2.6 .pdmodel
+        if os.path.isfile(os.path.join(out_dir, MODEL_NAME + ext)):
+            return MODEL_NAME + ext, MODEL_NAME + ".pdiparams"
+    raise RuntimeError(f"paddle.jit.save wrote no model file in {out_dir}")
+
+
+def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = None,
+                 collection: str | None = None) -> Manifest:
+    """Write the serving folder and fill the serving collection; returns the manifest."""
+    paddle.set_device("cpu")
+    load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
+    if epoch is None:
+        epoch = latest_epoch(load_path)
+        if epoch is None:
+            raise ConfigError(f"no checkpoint under {load_path}; train first")
+    folder = checkpoint_dir(load_path, epoch)
+    dm = load_dygraph_model(config)
+    model = dm.create_model(config)
+    load_checkpoint(model, folder)
+    model.eval()
+    item_count = int(config["hyper_parameters.item_count"])
+    maxlen = int(config.get("hyper_parameters.maxlen", 20))
+    dim = int(config.get("hyper_parameters.embedding_dim", 64))
+    max_k = int(config.get("hyper_parameters.capsual.max_k", 4))
+    raw_ids = read_item_map(default_item_map_path(config), item_count)
+    vectors = model.item_emb.weight.numpy()[1:]
+    if len(np.unique(raw_ids[1:])) != item_count - 1:
+        raise DataError("item map has duplicate raw ids")
+
+    version = time.strftime("%Y%m%d%H%M%S") + f"_e{epoch}"
+    base = collection or str(config.get("milvus.collection") or "mind_items")
+    uri = str(config.get("milvus.uri") or "output_milvus/milvus.db")
+    server = not is_local_uri(uri)
+    physical = f"{base}_v{version}" if server else base
+
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export.tmp-", dir=parent)
+    try:
+        model_file, params_file = save_user_tower(model, maxlen, tmp)
+        np.save(os.path.join(tmp, "item_vectors.npy"), vectors.astype(np.float32))  # row i = id i+1
+        with open(os.path.join(tmp, "item_map.tsv"), "w", encoding="utf-8") as f:
+            f.write("item_id\traw_id\n")
+            f.writelines(f"{d}\t{r}\n" for d, r in enumerate(raw_ids[1:].tolist(), 1))
+        if not server:
+            ItemIndex.from_config(config, dim, collection=base).drop()
+        index = ItemIndex.from_config(config, dim, collection=physical)
+        try:
+            written = index.upsert(raw_ids[1:], vectors)
+            if server:
+                _point_alias(index, base)
+        finally:
+            index.close()
+        manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
+                            physical, model_file, params_file)
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(asdict(manifest), f, indent=2)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported epoch %d as version %s to %s; %d items in %s (%s)", epoch, version,
+                output_dir, written, physical, "alias " + base if server else "Milvus Lite")
+    return manifest
+
+
+def _point_alias(index: ItemIndex, alias: str, keep: int = 2) -> None:
+    """Point ``alias`` at ``index``'s collection. The previous version is kept (requests already
+    resolved to it finish); older versions of this alias are dropped."""
+    c = index._client
+    try:
+        old = c.describe_alias(alias).get("collection_name")
+    except Exception:  # no such alias yet
+        old = None
+    if old is None:
+        if c.has_collection(alias):
+            raise ConfigError(f"a collection named {alias!r} exists; the serving alias needs the "
+                              "name: drop it or choose another milvus.collection")
+        index._call("create_alias", lambda: c.create_alias(index.collection, alias))
+    else:
+        index._call("alter_alias", lambda: c.alter_alias(index.collection, alias))
+    versions = sorted(n for n in index._call("list_collections", c.list_collections)
+                      if n.startswith(f"{alias}_v"))
+    for name in versions[:-keep]:
+        if name != index.collection:
+            index._call("drop old version", lambda name=name: c.drop_collection(name))
