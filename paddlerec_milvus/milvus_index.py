@@ -192,7 +192,8 @@ class ItemIndex:
                 f"vectors must have shape [{len(ids)}, {self.dim}], got {list(vectors.shape)}")
         if vectors.shape[1] != self.dim:
             raise MilvusIndexError(
-                f"vectors have dim {vectors.shape[1]} but collection {self.collection!r} holds dim {self.dim}")
+                f"vectors have dim {vectors.shape[1]} but collection {self.collection!r} "
+                f"holds dim {self.dim}")
         if len(ids) and ids.min() < 0:
             raise MilvusIndexError(f"negative item id {int(ids.min())}")
         if len(np.unique(ids)) != len(ids):
