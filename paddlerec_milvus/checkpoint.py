@@ -21,8 +21,9 @@ def save_checkpoint(model, optimizer, save_path: str, epoch: int, info: dict | N
         paddle.save(model.state_dict(), os.path.join(tmp, "rec.pdparams"))
         if optimizer is not None:
             paddle.save(optimizer.state_dict(), os.path.join(tmp, "rec.pdopt"))
+        names = {k: p.name for k, p in model.named_parameters()}
         with open(os.path.join(tmp, "rec.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(info or {}, epoch=epoch), f, indent=2)
+            json.dump(dict(info or {}, epoch=epoch, param_names=names), f, indent=2)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.chmod(tmp, 0o755)
@@ -63,4 +64,26 @@ def load_checkpoint(model, folder: str, optimizer=None) -> None:
     model.set_state_dict(state)
     opt_path = os.path.join(folder, "rec.pdopt")
     if optimizer is not None and os.path.isfile(opt_path):
-        optimizer.set_state_dict(paddle.load(opt_path))
+        optimizer.set_state_dict(_rename_optimizer_state(model, folder, paddle.load(opt_path)))
+
+
+def _rename_optimizer_state(model, folder: str, state: dict) -> dict:
+    """Optimizer state is keyed by Paddle's generated parameter names (``embedding_0.w_0``),
+    which differ between processes or models; map them through the structured names."""
+    meta_path = os.path.join(folder, "rec.json")
+    if not os.path.isfile(meta_path):
+        return state
+    with open(meta_path, encoding="utf-8") as f:
+        saved = json.load(f).get("param_names", {})
+    current = {k: p.name for k, p in model.named_parameters()}
+    mapping = {old: current[k] for k, old in saved.items() if k in current and current[k] != old}
+    if not mapping:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for old, new in mapping.items():
+            if key.startswith(old + "_") or key == old:
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .checkpoint import checkpoint_dir, load_checkpoint
 from .metrics import hitrate_at_n, ndcg_at_n, paddlerec_ndcg_at_n, recall_at_n
 from .milvus_index import ItemIndex
-from .model_dir import create_reader, load_dygraph_model
+from .model_dir import create_reader, data_files, load_dygraph_model
 from .recall import ExactIndex, recall_top_k
 from .runner import set_device
 
@@ -83,6 +83,26 @@ def evaluate_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n:
         truths.extend(evals)
     cutoffs = sorted({top_n, 20} if top_n >= 20 else {top_n})[::-1]
     return score_users(recalled, truths, cutoffs, paddlerec_metrics), len(truths)
+
+
+def most_popular(config: dict[str, Any], n: int) -> list[int]:
+    """The baseline every model must beat: the n most clicked training items."""
+    from collections import Counter
+
+    counts: Counter[int] = Counter()
+    for path in data_files(config, "runner.train_data_dir"):
+        with open(path, encoding="utf-8") as f:
+            counts.update(int(line.split(",")[1]) for line in f if line.strip())
+    return [item for item, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def evaluate_popularity(config: dict[str, Any], top_n: int = 50) -> dict[str, float]:
+    """Most-popular recall scored on the test users like a model."""
+    reader = create_reader(config, "test")
+    ranked = most_popular(config, max(top_n, 20))
+    truths = [e for *_, evals in reader.iter_batches() for e in evals]
+    cutoffs = sorted({top_n, 20} if top_n >= 20 else {top_n})[::-1]
+    return score_users([ranked] * len(truths), truths, cutoffs)
 
 
 def evaluate_epochs(config: dict[str, Any], top_n: int = 50, paddlerec_metrics: bool = False,

@@ -1,0 +1,113 @@
+"""The item index against embedded Milvus Lite and a real Milvus server."""
+
+import numpy as np
+import pytest
+
+from paddlerec_milvus.errors import MilvusIndexError
+from paddlerec_milvus.milvus_index import ItemIndex
+from paddlerec_milvus.recall import ExactIndex, recall_top_k
+
+DIM = 16
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(42)
+    ids = np.arange(1, 1201, dtype=np.int64)
+    return ids, rng.normal(size=(len(ids), DIM)).astype(np.float32), rng
+
+
+def _index(uri, name="items", **kw):
+    return ItemIndex(uri, name, DIM, batch_size=500, **kw)
+
+
+def test_create_upsert_count_search_drop(milvus_uri, data):
+    ids, vecs, rng = data
+    idx = _index(milvus_uri, "crud")
+    assert idx.count() == 0
+    assert idx.upsert(ids, vecs, progress=False) == len(ids)
+    assert idx.count() == len(ids)
+    idx.upsert(ids[:300], vecs[:300] * 2, progress=False)  # re-upsert: replaced, not duplicated
+    assert idx.count() == len(ids)
+    exact = ExactIndex(DIM)
+    exact.upsert(ids, np.concatenate([vecs[:300] * 2, vecs[300:]]))
+    interests = rng.normal(size=(6, 4, DIM)).astype(np.float32)
+    got = idx.search(interests, 20)
+    want = recall_top_k(exact, interests, 20)
+    assert [g.ids for g in got] == [w.ids for w in want]
+    np.testing.assert_allclose([g.scores for g in got], [w.scores for w in want], rtol=1e-4)
+    idx.drop()
+    idx.close()
+    assert _index(milvus_uri, "crud").count() == 0
+
+
+def test_persistence_across_reopen(milvus_uri, data, tmp_path):
+    ids, vecs, _ = data
+    idx = _index(milvus_uri, "persist")
+    idx.upsert(ids[:100], vecs[:100], progress=False)
+    idx.close()
+    again = _index(milvus_uri, "persist")
+    assert again.count() == 100
+    hit = again.search(vecs[5][None, None, :], 1)[0]
+    assert hit.ids == [int(np.argmax(vecs[:100] @ vecs[5])) + 1]
+    again.drop()
+
+
+def test_dimension_mismatch_is_a_clear_error_and_keeps_data(milvus_uri, data):
+    ids, vecs, _ = data
+    idx = _index(milvus_uri, "dims")
+    idx.upsert(ids[:10], vecs[:10], progress=False)
+    with pytest.raises(MilvusIndexError, match=r"holds dim 16 vectors but the model has dim 32"):
+        ItemIndex(milvus_uri, "dims", 32)
+    assert idx.count() == 10  # never silently dropped
+    with pytest.raises(MilvusIndexError, match="vectors have dim 8"):
+        idx.upsert([1], np.zeros((1, 8)))
+    idx.drop()
+
+
+@pytest.mark.parametrize("ids, vecs, message", [
+    (np.array([1.5]), np.zeros((1, DIM)), "integer"),
+    (np.array([-2]), np.zeros((1, DIM)), "negative item id -2"),
+    (np.array([1, 1]), np.zeros((2, DIM)), "duplicate"),
+    (np.array([1]), np.full((1, DIM), np.nan), "NaN"),
+    (np.array([1, 2]), np.zeros((1, DIM)), "shape"),
+])
+def test_bad_upserts_are_rejected_before_writing(tmp_path, ids, vecs, message):
+    idx = _index(str(tmp_path / "bad.db"), "bad")
+    with pytest.raises(MilvusIndexError, match=message):
+        idx.upsert(ids, vecs, progress=False)
+    assert idx.count() == 0
+
+
+def test_filter_and_exclude_history(milvus_uri, data):
+    ids, vecs, rng = data
+    idx = _index(milvus_uri, "filtered", scalar_fields=["category"])
+    idx.upsert(ids, vecs, fields={"category": ids % 5}, progress=False)
+    q = rng.normal(size=(3, 4, DIM)).astype(np.float32)
+    res = idx.search(q, 30, filter="category == 3")
+    assert all(len(r.ids) == 30 and all(i % 5 == 3 for i in r.ids) for r in res)
+    plain = idx.search(q, 30)
+    hist = [set(plain[u].ids[:5]) for u in range(3)]
+    excl = idx.search(q, 30, histories=hist, exclude_history=True)
+    for u in range(3):
+        assert len(excl[u].ids) == 30 and not hist[u] & set(excl[u].ids)
+        assert excl[u].ids[:25] == plain[u].ids[5:30]
+    idx.drop()
+
+
+def test_collection_name_rules(tmp_path):
+    with pytest.raises(MilvusIndexError, match="letters, digits and underscores"):
+        ItemIndex(str(tmp_path / "x.db"), "bad-name", DIM)
+
+
+def test_unreachable_uri_is_one_clear_error():
+    with pytest.raises(MilvusIndexError, match=r"cannot reach Milvus at http://127.0.0.1:1"):
+        ItemIndex("http://127.0.0.1:1", "items", DIM, timeout=2, retries=0)
+
+
+def test_top_k_limits(tmp_path):
+    idx = _index(str(tmp_path / "k.db"), "k")
+    with pytest.raises(MilvusIndexError, match="top_k 0 out of range"):
+        idx.search_vectors(np.zeros((1, DIM)), 0)
+    with pytest.raises(MilvusIndexError, match="top_k 20000 out of range"):
+        idx.search_vectors(np.zeros((1, DIM)), 20000)

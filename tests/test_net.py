@@ -1,0 +1,93 @@
+"""net.py: shapes, masking, determinism, the sampler and the loss."""
+
+import os
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from conftest import MODELS
+
+sys.path.insert(0, os.path.join(MODELS, "mind"))
+import net  # noqa: E402
+
+
+@pytest.fixture
+def model():
+    paddle.seed(0)
+    m = net.MindLayer(item_count=100, embedding_dim=16, hidden_size=16, neg_samples=32, maxlen=8,
+                      capsual_iters=3, capsual_max_k=4, capsual_init_std=1.0)
+    m.eval()
+    return m
+
+
+def t(x):
+    return paddle.to_tensor(np.asarray(x, dtype=np.int64))
+
+
+def test_shapes(model):
+    hist = t([[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 6, 7, 8, 9, 10, 11]])
+    interests, weight = model(hist, t([3, 8]))
+    assert interests.shape == [2, 4, 16] and weight.shape == [2, 4, 8]
+    assert model.interests(hist, t([[3], [8]])).shape == [2, 4, 16]  # [B, 1] lengths work too
+
+
+def test_padding_never_influences_interests(model):
+    base = t([[5, 9, 13, 0, 0, 0, 0, 0]])
+    noisy = t([[5, 9, 13, 77, 2, 98, 41, 6]])  # garbage after seq_len
+    a, wa = model(base, t([3]))
+    b, wb = model(noisy, t([3]))
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=0)
+    assert float(wa[:, :, 3:].abs().sum()) == 0.0 and float(wb[:, :, 3:].abs().sum()) == 0.0
+
+
+def test_interests_are_deterministic_and_squashed(model):
+    hist, n = t([[3, 1, 4, 1, 5, 9, 2, 6]]), t([8])
+    a, _ = model(hist, n)
+    b, _ = model(hist, n)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    norms = np.linalg.norm(a.numpy(), axis=-1)
+    assert (norms < 1).all() and (norms > 0).all()
+    # interests differ from one another (routing logits break the symmetry)
+    assert np.abs(a.numpy()[0, 0] - a.numpy()[0, 1]).max() > 1e-4
+
+
+def test_routing_weights_sum_to_one_over_interests(model):
+    _, w = model(t([[1, 2, 3, 4, 5, 0, 0, 0]]), t([5]))
+    np.testing.assert_allclose(w.numpy()[0, :, :5].sum(axis=0), np.ones(5), rtol=1e-5)
+
+
+def test_sampler_range_and_log_uniform_shape():
+    paddle.seed(1)
+    s = net.LogUniformSampler(1000)
+    ids = s.sample(20000).numpy()
+    assert ids.min() >= 1 and ids.max() <= 1000
+    share_low = (ids <= 10).mean()
+    expected = np.log(11) / np.log(1001)
+    assert abs(share_low - expected) < 0.02
+
+
+def test_loss_is_finite_and_accidental_hits_are_removed(model):
+    model.train()
+    paddle.seed(3)
+    hist, n = t([[1, 2, 3, 0, 0, 0, 0, 0]] * 4), t([3] * 4)
+    loss, _ = model(hist, n, t([[1], [2], [3], [4]]))
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    # With every negative equal to the target, all negatives are accidental hits: loss ~ 0.
+    model.neg_samples = 8
+    model.sampler.sample = lambda num: paddle.full([num], 7, dtype="int64")
+    loss7, _ = model(hist, n, t([[7]] * 4))
+    assert float(loss7) < 1e-6
+
+
+def test_padding_row_stays_zero_and_gradients_reach_used_rows(model):
+    model.train()
+    opt = paddle.optimizer.Adam(0.01, parameters=model.parameters(), lazy_mode=True)
+    before = model.item_emb.weight.numpy().copy()
+    loss, _ = model(t([[1, 2, 0, 0, 0, 0, 0, 0]]), t([2]), t([[3]]))
+    loss.backward()
+    opt.step()
+    after = model.item_emb.weight.numpy()
+    assert np.abs(after[0]).max() == 0.0
+    assert np.abs(after[1] - before[1]).max() > 0
