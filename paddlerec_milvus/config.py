@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -105,8 +106,7 @@ def resolve_path(config: Mapping[str, Any], value: str | None) -> str | None:
     return os.path.normpath(os.path.join(config.get("config_abs_dir", "."), value))
 
 
-def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
-    """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
+def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -120,14 +120,70 @@ def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, 
         tree = {}
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS[:3])}")
-    config = flatten(tree)
+    return flatten(tree)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(key: str, value: Any) -> Any:
+    """``${VAR}`` in Milvus settings comes from the environment (tokens stay out of files)."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"{key} = {value!r} needs the environment variable {m.group(1)}")
+        return os.environ[m.group(1)]
+
+    return _ENV.sub(sub, value)
+
+
+def _apply_profile(config: dict[str, Any], overrides: Iterable[str]) -> None:
+    """``milvus.profile: configs/milvus_standalone.yaml`` supplies the ``milvus.*`` keys;
+    the model config's own keys are the defaults and ``-o`` overrides still win."""
+    name = config.get("milvus.profile")
+    if not name:
+        return
+    candidates = [resolve_path(config, name), os.path.join(os.getcwd(), name),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)]
+    path = next((c for c in candidates if c and os.path.isfile(c)), None)
+    if path is None:
+        raise ConfigError(f"milvus.profile {name!r} not found (looked in {candidates[:2]})")
+    profile = _read_yaml(path)
+    unknown = [k for k in profile if not k.startswith("milvus.")]
+    if unknown:
+        raise ConfigError(f"{path}: a Milvus profile holds only a 'milvus:' section, found {unknown}")
+    # The profile defines the index entirely: drop the model config's index/search params.
+    for key in [k for k in config if k.startswith(("milvus.index_params.", "milvus.search_params."))]:
+        del config[key]
+    config.update(profile)
+    config["milvus.profile_path"] = path
+    apply_overrides(config, [o for o in overrides if o.strip().startswith("milvus.")])
+
+
+def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+    """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
+    config = _read_yaml(path)
     config["config_abs_dir"] = os.path.dirname(os.path.abspath(path))
     config["config_path"] = os.path.abspath(path)
-    apply_overrides(config, overrides or ())
+    overrides = list(overrides or ())
+    apply_overrides(config, overrides)
+    _apply_profile(config, overrides)
+    for key in ("milvus.uri", "milvus.token"):
+        config[key] = _expand_env(key, config.get(key))
     for key in PATH_KEYS:
         if isinstance(config.get(key), str):
             config[key] = resolve_path(config, config[key])
     return config
+
+
+def section(config: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The flattened keys under ``prefix`` as a plain dict (``milvus.index_params`` -> {nlist: 1024})."""
+    value = config.get(prefix)
+    out = dict(value) if isinstance(value, Mapping) else {}
+    out.update({k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(prefix + ".")})
+    return out
 
 
 def require(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...] | None = None) -> Any:

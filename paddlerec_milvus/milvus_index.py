@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from .config import section
 from .errors import MilvusIndexError
 from .recall import UserRecall, recall_top_k
 
@@ -40,6 +41,45 @@ def _pymilvus():
 
 def is_local_uri(uri: str) -> bool:
     return "://" not in uri
+
+
+# index type -> (required build params, search param bounded by a build param)
+INDEX_RULES: dict[str, tuple[tuple[str, ...], tuple[str, str] | None]] = {
+    "FLAT": ((), None),
+    "AUTOINDEX": ((), None),
+    "IVF_FLAT": (("nlist",), ("nprobe", "nlist")),
+    "IVF_SQ8": (("nlist",), ("nprobe", "nlist")),
+    "IVF_PQ": (("nlist", "m"), ("nprobe", "nlist")),
+    "SCANN": (("nlist",), ("nprobe", "nlist")),
+    "HNSW": (("M", "efConstruction"), None),
+    "DISKANN": ((), None),
+}
+LITE_INDEXES = ("FLAT", "IVF_FLAT", "AUTOINDEX")
+
+
+def check_index_settings(uri: str, dim: int, index_type: str, index_params: Mapping[str, Any],
+                         search_params: Mapping[str, Any]) -> None:
+    """Reject index settings the engine would refuse or silently ignore, before connecting."""
+    kind = index_type.upper()
+    if kind not in INDEX_RULES:
+        raise MilvusIndexError(f"milvus.index_type {index_type!r}: expected one of {sorted(INDEX_RULES)}")
+    if is_local_uri(uri) and kind not in LITE_INDEXES:
+        raise MilvusIndexError(f"milvus.index_type {kind} is not available in Milvus Lite "
+                               f"(it has {', '.join(LITE_INDEXES)}); use a Milvus server for {kind}")
+    required, bounded = INDEX_RULES[kind]
+    for name in required:
+        value = index_params.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MilvusIndexError(f"milvus.index_params.{name} must be a positive integer for {kind}, "
+                                   f"got {value!r}")
+    if kind == "IVF_PQ" and dim % int(index_params["m"]):
+        raise MilvusIndexError(f"milvus.index_params.m = {index_params['m']} must divide dim {dim}")
+    if bounded:
+        name, limit = bounded
+        value = search_params.get(name)
+        if value is not None and not (isinstance(value, int) and 1 <= value <= index_params[limit]):
+            raise MilvusIndexError(f"milvus.search_params.{name} = {value!r} must be in 1.."
+                                   f"{index_params[limit]} (index_params.{limit})")
 
 
 class ItemIndex:
@@ -66,6 +106,7 @@ class ItemIndex:
                 "starting with a letter or underscore")
         if metric.upper() != "IP":
             raise MilvusIndexError(f"metric {metric!r}: MIND interests are matched by inner product (IP)")
+        check_index_settings(uri, int(dim), index_type, index_params or {}, search_params or {})
         self.uri, self.collection, self.dim = uri, collection, int(dim)
         self.metric = "IP"
         self.index_type = index_type.upper()
@@ -88,8 +129,8 @@ class ItemIndex:
             token=str(config.get("milvus.token") or ""),
             metric=str(config.get("milvus.metric") or "IP"),
             index_type=str(config.get("milvus.index_type") or "FLAT"),
-            index_params=config.get("milvus.index_params") or {},
-            search_params=config.get("milvus.search_params") or {},
+            index_params=section(config, "milvus.index_params"),
+            search_params=section(config, "milvus.search_params"),
             batch_size=int(config.get("milvus.batch_size") or 5000),
             scalar_fields=config.get("milvus.scalar_fields") or (),
             **kwargs,
@@ -256,6 +297,9 @@ class ItemIndex:
             raise MilvusIndexError(f"query vectors must have shape [n, {self.dim}], got {list(q.shape)}")
         if not 1 <= limit <= MAX_TOP_K:
             raise MilvusIndexError(f"top_k {limit} out of range 1..{MAX_TOP_K}")
+        ef = self.search_params.get("ef")
+        if self.index_type == "HNSW" and ef is not None and ef < limit:
+            raise MilvusIndexError(f"milvus.search_params.ef = {ef} must be >= top_k ({limit}) for HNSW")
         ids = np.full((len(q), limit), -1, dtype=np.int64)
         scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
         params = {"metric_type": self.metric, "params": dict(self.search_params)}
