@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import MODELS
+
 from paddlerec_milvus.data_prep import prepare_data
 from paddlerec_milvus.errors import DataError
 
@@ -144,8 +144,8 @@ def test_ties_keep_file_order(tmp_path):
     for line in (tmp_path / "out" / "item_map.tsv").read_text().splitlines()[1:]:
         d, r, _ = line.split("\t")
         item_map[d] = r
-    first_user = [line.split(",") for line in
-                  (tmp_path / "out" / "train" / "part-0.txt").read_text().splitlines() if line.startswith("0,")]
+    train_lines = (tmp_path / "out" / "train" / "part-0.txt").read_text().splitlines()
+    first_user = [line.split(",") for line in train_lines if line.startswith("0,")]
     assert [item_map[i] for _, i, _ in first_user] == ["5", "3", "9", "1", "7", "2"]
 
 

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import paddle
 import pytest
-
 from conftest import MODELS
 
 sys.path.insert(0, os.path.join(MODELS, "mind"))

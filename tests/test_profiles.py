@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import MODELS, REPO
+
 from paddlerec_milvus.config import load_config, section
 from paddlerec_milvus.errors import ConfigError, MilvusIndexError
 from paddlerec_milvus.milvus_index import ItemIndex, check_index_settings

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import paddle
 import pytest
-
 from conftest import MODELS
+
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.errors import DataError
 from paddlerec_milvus.model_dir import create_reader

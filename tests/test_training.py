@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import paddle
 import pytest
-
 from conftest import MODELS
+from synthetic import planted_clusters
+
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.data_prep import prepare_data
 from paddlerec_milvus.evaluate import evaluate_epochs, evaluate_popularity
 from paddlerec_milvus.model_dir import create_reader, load_dygraph_model
 from paddlerec_milvus.runner import train
-from synthetic import planted_clusters
 
 pytestmark = pytest.mark.slow
 CONFIG = os.path.join(MODELS, "mind", "config.yaml")
