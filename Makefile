@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 MODELS := models
 
-.PHONY: install install-dev demo test lint bench clean
+.PHONY: install install-dev demo test lint bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python -m benchmarks
+
+gpu-check: install
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(MODELS)/mind/output_model_mind* $(MODELS)/mind/output_milvus

@@ -63,11 +63,52 @@ def _resume_epoch(init_path: str) -> int:
     return int(name) + 1 if name.isdigit() else 0
 
 
+def init_distributed(config: dict[str, Any]) -> tuple[int, int]:
+    """With ``runner.use_fleet`` under ``paddle.distributed.launch``: join the group.
+
+    Returns (rank, world size); readers shard by ``runner.rank``/``runner.world_size``.
+    """
+    rank, world = 0, 1
+    if config.get("runner.use_fleet", False):
+        import paddle.distributed as dist
+
+        if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
+            dist.init_parallel_env()
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            logger.warning("runner.use_fleet is True but this is a single process; start it with "
+                           "python -m paddle.distributed.launch --nproc_per_node N ...")
+    config["runner.rank"], config["runner.world_size"] = rank, world
+    return rank, world
+
+
+def check_replicas_in_sync(model, world: int) -> float:
+    """Data parallel must keep every rank's parameters identical; returns the largest gap."""
+    if world <= 1:
+        return 0.0
+    import paddle.distributed as dist
+
+    sums = paddle.to_tensor([float(paddle.sum(paddle.abs(p))) for p in model.parameters()],
+                            dtype="float64")
+    gathered: list = []
+    dist.all_gather(gathered, sums)
+    gap = max(float(paddle.max(paddle.abs(g - gathered[0]))) for g in gathered)
+    scale = max(1.0, float(paddle.max(paddle.abs(gathered[0]))))
+    if gap / scale > 1e-5:
+        raise RuntimeError(f"data-parallel replicas diverged (parameter sums differ by {gap:.3g})")
+    return gap
+
+
 def train(config: dict[str, Any]) -> TrainSummary:
-    """Train for ``runner.epochs``; save ``{model_save_path}/{epoch}/rec.pdparams`` each epoch."""
+    """Train for ``runner.epochs``; save ``{model_save_path}/{epoch}/rec.pdparams`` each epoch.
+
+    Data parallel (``runner.use_fleet``): each rank trains on its shard with
+    ``train_batch_size / world`` samples a step, gradients are averaged, rank 0 saves.
+    """
     seed = int(config.get("runner.seed", 12345))
     seed_everything(seed)
     device = set_device(config)
+    rank, world = init_distributed(config)
     dm = load_dygraph_model(config)
     model = dm.create_model(config)
     optimizer = dm.create_optimizer(model, config)
@@ -75,7 +116,7 @@ def train(config: dict[str, Any]) -> TrainSummary:
     reader = create_reader(config, "train")
     save_path = config.get("runner.model_save_path") or "output_model"
     epochs = int(config.get("runner.epochs", 1))
-    batch_size = int(config.get("runner.train_batch_size", 128))
+    batch_size = max(1, int(config.get("runner.train_batch_size", 128)) // world)
     print_interval = max(1, int(config.get("runner.print_interval", 100) or 100))
 
     start_epoch = 0
@@ -85,9 +126,11 @@ def train(config: dict[str, Any]) -> TrainSummary:
         start_epoch = _resume_epoch(init_path)
         logger.info("resumed from %s; starting at epoch %d", init_path, start_epoch)
 
+    step_model = paddle.DataParallel(model) if world > 1 else model
     summary = TrainSummary()
-    logger.info("training on %s: epochs %d..%d, batch %d, %d training users",
-                device, start_epoch, epochs - 1, batch_size, getattr(reader, "num_users", -1))
+    logger.info("training on %s (rank %d of %d): epochs %d..%d, batch %d, %d training users",
+                device, rank, world, start_epoch, epochs - 1, batch_size,
+                getattr(reader, "num_users", -1))
     for epoch in range(start_epoch, epochs):
         # Per-epoch seeding makes a resumed run identical to an uninterrupted one.
         paddle.seed(seed + 1000 * (epoch + 1))
@@ -102,10 +145,10 @@ def train(config: dict[str, Any]) -> TrainSummary:
         model.train()
         t0 = time.perf_counter()
         losses, samples = [], 0
-        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit=" batch", disable=None,
-                   mininterval=1.0)
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", unit=" batch",
+                   disable=True if rank else None, mininterval=1.0)
         for batch_id, batch in enumerate(bar):
-            loss, metrics_list, _ = dm.train_forward(model, metrics_list, batch, config)
+            loss, metrics_list, _ = dm.train_forward(step_model, metrics_list, batch, config)
             model.clear_gradients()
             loss.backward()
             optimizer.step()
@@ -118,8 +161,13 @@ def train(config: dict[str, Any]) -> TrainSummary:
                 rate = samples / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}")
         seconds = time.perf_counter() - t0
-        ckpt = save_checkpoint(model, optimizer, save_path, epoch,
-                               {"mean_loss": float(np.mean(losses)) if losses else None})
+        samples *= world
+        check_replicas_in_sync(model, world)
+        ckpt = os.path.join(save_path, str(epoch))
+        if rank == 0:  # checkpoints are written once
+            ckpt = save_checkpoint(model, optimizer, save_path, epoch,
+                                   {"mean_loss": float(np.mean(losses)) if losses else None,
+                                    "world_size": world})
         es = EpochSummary(epoch, float(np.mean(losses)) if losses else float("nan"), samples,
                           seconds, samples / seconds if seconds else 0.0, ckpt)
         summary.epochs.append(es)

@@ -57,10 +57,19 @@ class RecDataset(IterableDataset):
         self.batch_size = config.get("runner.train_batch_size", 128)
         self.batches_per_epoch = config.get("runner.batches_per_epoch", 1000)
         self.seed = config.get("runner.seed", 12345)
-        self.rng = np.random.default_rng(self.seed)
+        # Data parallel: rank r of w reads files r, r+w, ... (or every w-th user if few files).
+        self.rank = config.get("runner.rank", 0)
+        self.world = config.get("runner.world_size", 1)
+        self.rng = np.random.default_rng([self.seed, self.rank])
+        files = self.file_list
+        if self.world > 1 and len(files) >= self.world:
+            files = files[self.rank::self.world]
         users, items, times = read_click_files(
-            self.file_list, config.get("hyper_parameters.item_count", None)
+            files, config.get("hyper_parameters.item_count", None)
         )
+        if self.world > 1 and len(self.file_list) < self.world:
+            mine = users % self.world == self.rank
+            users, items, times = users[mine], items[mine], times[mine]
         order = np.lexsort((times, users))  # by user, then time; stable on ties
         users, items = users[order], items[order]
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) \
@@ -82,7 +91,7 @@ class RecDataset(IterableDataset):
 
     def set_epoch(self, epoch):
         """Restart the stream at a point fixed by (seed, epoch): resumed runs match."""
-        self.rng = np.random.default_rng([self.seed, epoch])
+        self.rng = np.random.default_rng([self.seed, epoch, self.rank])
         self._perm = np.empty(0, dtype=np.int64)
         self._pos = 0
 
