@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import MODELS
+
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.evaluate import evaluate_epochs
 from paddlerec_milvus.runner import train
