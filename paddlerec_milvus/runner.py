@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,41 @@ class TrainSummary:
     def samples_per_s(self) -> float:
         secs = sum(e.seconds for e in self.epochs)
         return sum(e.samples for e in self.epochs) / secs if secs else 0.0
+
+
+def prefetch(batches: Iterable, depth: int = 4) -> Iterator:
+    """Build the next batches in a background thread while Paddle runs the current step."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                q.put(batch)
+            q.put(done)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
 
 
 def set_device(config: dict[str, Any]) -> str:
@@ -137,7 +175,7 @@ def train(config: dict[str, Any]) -> TrainSummary:
         if hasattr(reader, "set_epoch"):
             reader.set_epoch(epoch)
         if hasattr(reader, "iter_batches"):
-            batches = reader.iter_batches(batch_size)
+            batches = prefetch(reader.iter_batches(batch_size))
             total = getattr(reader, "batches_per_epoch", None)
         else:
             batches = paddle.io.DataLoader(reader, batch_size=batch_size, drop_last=True)

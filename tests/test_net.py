@@ -90,3 +90,15 @@ def test_padding_row_stays_zero_and_gradients_reach_used_rows(model):
     after = model.item_emb.weight.numpy()
     assert np.abs(after[0]).max() == 0.0
     assert np.abs(after[1] - before[1]).max() > 0
+
+
+def test_prepared_negatives_give_the_same_loss_as_in_graph_sampling(model):
+    model.train()
+    hist, n, target = t([[1, 2, 3, 0, 0, 0, 0, 0]] * 3), t([3] * 3), t([[4], [9], [50]])
+    negs = np.array([9, 2, 77, 5, 9, 31], dtype=np.int64)  # includes an accidental hit (9)
+    bias = model.sampler.logit_bias_numpy(target.numpy(), negs)
+    prepared, _ = model(hist, n, target, t(negs), paddle.to_tensor(bias))
+    model.sampler.sample = lambda num: paddle.to_tensor(negs)
+    model.neg_samples = len(negs)
+    in_graph, _ = model(hist, n, target)
+    np.testing.assert_allclose(float(prepared), float(in_graph), rtol=1e-5)

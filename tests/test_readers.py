@@ -35,7 +35,7 @@ def _reader(tmp_path, n_users, **over):
 def _epoch_pairs(reader, epoch):
     reader.set_epoch(epoch)
     users, pairs = set(), set()
-    for hist, target, seq_len in reader.iter_batches():
+    for hist, target, seq_len in reader.iter_batches(with_negatives=False):
         for h, t, n in zip(hist, target[:, 0], seq_len[:, 0]):
             users.add(tuple(h[:4]))
             pairs.add((tuple(h[:n]), int(t)))
@@ -143,3 +143,17 @@ def test_paddle_dataloader_batches_both_readers():
     first = next(iter(paddle.io.DataLoader(test, batch_size=8)))
     assert list(first[0].shape) == [8, 20] and list(first[1].shape) == [8, 1]
     assert first[2].shape[0] == 8 and first[2].shape[1] == 1
+
+
+def test_fast_path_batches_carry_negatives_and_their_logit_bias(tmp_path):
+    reader = _reader(tmp_path, 100, **{"hyper_parameters.neg_samples": 16})
+    reader.set_epoch(0)
+    hist, target, seq_len, negs, bias = next(reader.iter_batches())
+    assert negs.shape == (16,) and negs.min() >= 1 and negs.max() <= 49
+    assert bias.shape == (32, 17) and bias.dtype == np.float32
+    hit = negs[None, :] == target
+    assert (bias[:, 1:][hit] == -1e9).all() and (bias[:, 1:][~hit] > -1e3).all()
+    # log-Q: popular (low) ids are sampled more often, so they are corrected down more
+    order = np.argsort(negs)
+    finite = bias[0, 1:][order][~hit[0][order]]
+    assert (np.diff(finite) >= -1e-5).all()

@@ -35,10 +35,12 @@ class DygraphModel:
         )
 
     def create_feeds_train(self, batch_data):
-        hist_item = paddle.to_tensor(np.asarray(batch_data[0]), dtype="int64")
-        target_item = paddle.to_tensor(np.asarray(batch_data[1]), dtype="int64")
-        seq_len = paddle.to_tensor(np.asarray(batch_data[2]), dtype="int64")
-        return [hist_item, target_item, seq_len]
+        """[hist, target, seq_len] (+ [neg_items, logit_bias] from our reader's fast path)."""
+        feeds = [paddle.to_tensor(np.asarray(x), dtype="int64") for x in batch_data[:3]]
+        if len(batch_data) == 5:
+            feeds.append(paddle.to_tensor(np.asarray(batch_data[3]), dtype="int64"))
+            feeds.append(paddle.to_tensor(np.asarray(batch_data[4]), dtype="float32"))
+        return feeds
 
     def create_feeds_infer(self, batch_data):
         hist_item = paddle.to_tensor(np.asarray(batch_data[0]), dtype="int64")
@@ -59,8 +61,8 @@ class DygraphModel:
         return [], []
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
-        hist_item, target_item, seq_len = self.create_feeds_train(batch_data)
-        loss, _ = dy_model.forward(hist_item, seq_len, target_item)
+        hist_item, target_item, seq_len, *negatives = self.create_feeds_train(batch_data)
+        loss, _ = dy_model(hist_item, seq_len, target_item, *negatives)
         loss = self.create_loss(loss)
         return loss, metrics_list, {"loss": loss}
 

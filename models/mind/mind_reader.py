@@ -10,6 +10,7 @@ own DataLoader.
 
 import logging
 
+import net
 import numpy as np
 from paddle.io import IterableDataset
 
@@ -56,6 +57,8 @@ class RecDataset(IterableDataset):
         self.maxlen = config.get("hyper_parameters.maxlen", 20)
         self.batch_size = config.get("runner.train_batch_size", 128)
         self.batches_per_epoch = config.get("runner.batches_per_epoch", 1000)
+        self.neg_samples = config.get("hyper_parameters.neg_samples", 1280)
+        self.sampler = net.LogUniformSampler(config.get("hyper_parameters.item_count", 2) - 1)
         self.seed = config.get("runner.seed", 12345)
         # Data parallel: rank r of w reads files r, r+w, ... (or every w-th user if few files).
         self.rank = config.get("runner.rank", 0)
@@ -124,15 +127,22 @@ class RecDataset(IterableDataset):
         hist = np.where(valid, self.items[np.where(valid, idx, 0)], 0)
         return hist.astype(np.int64), target[:, None], seq_len[:, None].astype(np.int64)
 
-    def iter_batches(self, batch_size=None):
+    def iter_batches(self, batch_size=None, with_negatives=True):
+        """Whole batches; by default with shared negatives and their logit bias drawn here,
+        vectorised, from the same seeded stream (so the graph has fewer ops to run)."""
         batch_size = batch_size or self.batch_size
         for _ in range(self.batches_per_epoch):
-            yield self.sample_batch(batch_size)
+            hist, target, seq_len = self.sample_batch(batch_size)
+            if not with_negatives:
+                yield hist, target, seq_len
+                continue
+            negs = self.sampler.sample_numpy(self.rng, self.neg_samples)
+            yield hist, target, seq_len, negs, self.sampler.logit_bias_numpy(target, negs)
 
     def __len__(self):
         return self.batches_per_epoch * self.batch_size
 
     def __iter__(self):
-        for hist, target, seq_len in self.iter_batches():
+        for hist, target, seq_len in self.iter_batches(with_negatives=False):
             for i in range(len(hist)):
                 yield [hist[i], target[i], seq_len[i]]

@@ -7,6 +7,7 @@ and padded slots never influence the interests (their routing weight is exactly 
 
 import math
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -75,6 +76,25 @@ class LogUniformSampler:
         prob = (paddle.log(r + 1.0) - paddle.log(r)) / self.log_range
         return paddle.log(prob * num + 1e-12)
 
+    def sample_numpy(self, rng, num):
+        """The same distribution drawn with numpy (readers prepare whole batches with it)."""
+        ids = np.floor(np.exp(rng.random(num) * self.log_range)).astype(np.int64)
+        return np.clip(ids, 1, self.n)
+
+    def logit_bias_numpy(self, target, negs):
+        """[B, 1 + S] additive logit bias: -log Q for the target and each negative, and
+        -1e9 where a negative is the target itself (an accidental hit)."""
+        def log_q(ids):
+            r = ids.astype(np.float64)
+            return np.log(np.log1p(1.0 / r) / self.log_range * len(negs) + 1e-12)
+
+        target = np.asarray(target).reshape(-1)
+        bias = np.empty((len(target), 1 + len(negs)), dtype=np.float32)
+        bias[:, 0] = -log_q(target)
+        bias[:, 1:] = -log_q(negs)[None, :]
+        bias[:, 1:][negs[None, :] == target[:, None]] = -1e9
+        return bias
+
 
 class MindLayer(nn.Layer):
     """Item tower = the embedding table; user tower = routing over the history."""
@@ -122,11 +142,29 @@ class MindLayer(nn.Layer):
         logits = paddle.concat([pos_logit, neg_logit], axis=-1)
         return paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0])
 
-    def forward(self, hist_item, seq_len, target_item=None):
-        """Training (target given): mean loss and interests; otherwise interests and weights."""
-        interests, weight = self.capsule(self.item_emb(hist_item), seq_len)
+    def forward(self, hist_item, seq_len, target_item=None, neg_items=None, logit_bias=None):
+        """Training (target given): mean loss and interests; otherwise interests and weights.
+
+        ``neg_items`` [S] and ``logit_bias`` [B, 1 + S] (from ``sampler.logit_bias_numpy``) are
+        optional: without them negatives are sampled inside the graph.
+        """
         if target_item is None:
-            return interests, weight
-        target_emb = self.item_emb(paddle.reshape(target_item, [-1]))
+            return self.capsule(self.item_emb(hist_item), seq_len)
+        if neg_items is None:
+            interests, _ = self.capsule(self.item_emb(hist_item), seq_len)
+            target_emb = self.item_emb(paddle.reshape(target_item, [-1]))
+            user_vec = self.label_aware_attention(interests, target_emb)
+            return self.sampled_softmax_loss(user_vec, target_item), interests
+        # One lookup for history, targets and negatives: one sparse gradient to merge.
+        b, length = hist_item.shape
+        target = paddle.reshape(target_item, [-1])
+        ids = paddle.concat([paddle.reshape(hist_item, [-1]), target, neg_items])
+        hist_emb, target_emb, neg_emb = paddle.split(
+            self.item_emb(ids), [b * length, b, neg_items.shape[0]])
+        interests, _ = self.capsule(paddle.reshape(hist_emb, [b, length, -1]), seq_len)
         user_vec = self.label_aware_attention(interests, target_emb)
-        return self.sampled_softmax_loss(user_vec, target_item), interests
+        pos_logit = paddle.sum(user_vec * target_emb, axis=-1, keepdim=True)
+        neg_logit = paddle.matmul(user_vec, neg_emb, transpose_y=True)
+        logits = paddle.concat([pos_logit, neg_logit], axis=-1) + logit_bias
+        label = paddle.zeros([b, 1], dtype="int64")
+        return paddle.mean(F.cross_entropy(logits, label, reduction="none")), interests
