@@ -1,0 +1,69 @@
+"""``python -m benchmarks [--quick] [--sections quality,search,serving]``: run the benchmark
+sections and write docs/benchmarks.md, docs/benchmarks.json and docs/img/*.png."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import report
+from .common import BENCH_DIR, machine
+
+SECTIONS = ("quality", "search", "serving")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a few-minute version (smaller budgets)")
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--out", default="docs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    os.makedirs(BENCH_DIR, exist_ok=True)
+    results: dict = {}
+    img = os.path.join(args.out, "img")
+    if "quality" in sections:
+        from . import quality
+
+        q = quality.run(quick=args.quick)
+        q["curve_plot"] = report.learning_curve_plot(q["runs"], os.path.join(img, "learning_curve.png"),
+                                                     machine())
+        results["quality"] = q
+    if "search" in sections:
+        from . import search
+
+        vectors = _trained_vectors()
+        results["search"] = search.run(quick=args.quick, item_vectors=vectors, out_img_dir=img)
+    if "serving" in sections:
+        from . import serving
+
+        results["serving"] = serving.run(quick=args.quick)
+    with open(os.path.join(BENCH_DIR, "last_results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = report.write(results, machine(), command.strip(), args.out)
+    print(f"wrote {md} and {os.path.join(args.out, 'benchmarks.json')}")
+    return 0
+
+
+def _trained_vectors():
+    """Item vectors of the last trained amazon-book-1m model from the quality section, if any."""
+    import glob
+
+    import numpy as np
+    import paddle
+
+    ckpts = sorted(glob.glob(os.path.join(BENCH_DIR, "runs", "amazon_book_1m_tuned", "ckpt", "*",
+                                          "rec.pdparams")), key=lambda p: int(p.split(os.sep)[-2]))
+    if not ckpts:
+        return None
+    state = paddle.load(ckpts[-1])
+    return np.asarray(state["item_emb.weight"].numpy()[1:], dtype=np.float32)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

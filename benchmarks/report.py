@@ -1,0 +1,141 @@
+"""Write docs/benchmarks.md, docs/benchmarks.json and the quality plots from section results."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def learning_curve_plot(runs: list[dict], path: str, machine: dict) -> str | None:
+    """Recall@50 per epoch for each run (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", ms=3,
+                label=f"{r['dataset']} ({r['label']})")
+    ax.set_xlabel("epoch (1000 batches x 128)")
+    ax.set_ylabel("Recall@50 (test users, exact search)")
+    ax.set_title(f"MIND learning curves - {machine['cores']} cores, {machine['cpu'][:40]}, {machine['date']}",
+                 fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def quality_section(q: dict) -> list[str]:
+    from .quality import REFERENCE
+
+    lines = ["## 1. Quality", "",
+             "Test users of each data set (ComiRec protocol: seeded 80/10/10 user split, first 80% of a "
+             "test user's clicks are the history, the rest must be found), top-N over the full item set. "
+             "Reference = PaddleRec's MIND with its sampling bug removed, as printed by its own infer.py "
+             "on the same files (cited from `../shared/datasets/README.md`, not re-run here). "
+             "`PaddleRec NDCG` divides by the ideal DCG of the hits only, as PaddleRec does.", "",
+             "| data | run | Recall@50 | ratio vs ref | HitRate@50 | NDCG@50 | PaddleRec NDCG@50 | Recall@20 "
+             "| HitRate@20 | users |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, ref in REFERENCE.items():
+        runs = [r for r in q["runs"] if r["dataset"] == name]
+        if not runs:
+            continue
+        lines.append(f"| {name} | reference (PaddleRec MIND, fixed) | {ref['recall50']:.4f} | 1.00 | "
+                     f"{ref['hitrate50']:.4f} | - | {ref['paddlerec_ndcg50']:.4f} | - | - | - |")
+        pub = ref["published_recall50"]
+        lines.append(f"| {name} | reference as published (re-seeding bug) | {pub:.4f} | "
+                     f"{pub / ref['recall50']:.2f} | - | - | - | - | - | - |")
+        pop = runs[0]["popular"]
+        lines.append(f"| {name} | most popular | {pop['Recall@50']:.4f} | "
+                     f"{pop['Recall@50'] / ref['recall50']:.2f} | {pop['HitRate@50']:.4f} | "
+                     f"{pop['NDCG@50']:.4f} | - | {pop['Recall@20']:.4f} | {pop['HitRate@20']:.4f} | - |")
+        for r in runs:
+            m = r["metrics"]
+            lines.append(
+                f"| {name} | ours, {r['label'].replace('_', ' ')} | {m['Recall@50']:.4f} | "
+                f"{m['Recall@50'] / ref['recall50']:.2f} | {m['HitRate@50']:.4f} | {m['NDCG@50']:.4f} | "
+                f"{m['PaddleRecNDCG@50']:.4f} | {m['Recall@20']:.4f} | {m['HitRate@20']:.4f} | "
+                f"{r['users']} |")
+    runs = "; ".join(f"`{r['dataset']}` {r['label']}: `{' '.join(r['budget'])}`" for r in q["runs"])
+    lines += ["", "Runs: " + runs, ""]
+    if q.get("curve_plot"):
+        lines += [f"![learning curves]({os.path.relpath(q['curve_plot'], 'docs')})", ""]
+    lines += ["## 2. Training", "",
+              "| data | run | samples/s | ratio vs ref | epoch s | train wall s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|"]
+    for r in q["runs"]:
+        ref = REFERENCE[r["dataset"]]["samples_per_s"]
+        lines.append(f"| {r['dataset']} | {r['label'].replace('_', ' ')} | {r['samples_per_s']:,.0f} | "
+                     f"{r['samples_per_s'] / ref:.2f} | {r['epoch_s']:.1f} | {r['train_wall_s']:.0f} | "
+                     f"{r['peak_rss_mb']:,.0f} |")
+    lines += ["", "Reference samples/s: amazon-book-1m ~1,470, movielens-1m ~2,100 "
+              "(same machine type, cited).",
+              "", "Evaluation of every test user (model forward + search + merge + metrics):", "",
+              "| data | run | Milvus Lite FLAT s | exact numpy s | same metrics |", "|---|---|---|---|---|"]
+    for r in q["runs"]:
+        same = all(abs(r["metrics"][k] - r["exact_metrics"][k]) < 1e-9 for k in r["exact_metrics"])
+        lines.append(f"| {r['dataset']} | {r['label'].replace('_', ' ')} | {r['milvus_eval_s']:.1f} | "
+                     f"{r['exact_eval_s']:.1f} | {'yes' if same else 'NO'} |")
+    return lines + [""]
+
+
+def table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["(no rows)"]
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return out
+
+
+def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> str:
+    """Write the markdown report and the flat JSON; returns the markdown path."""
+    os.makedirs(out_dir, exist_ok=True)
+    figures: dict[str, Any] = {}
+    lines = ["# Benchmarks", "",
+             f"Command: `{command}`  ",
+             f"Machine: {machine['cores']} cores, {machine['memory_gb']} GB, {machine['cpu']}  ",
+             "Versions: " + ", ".join(f"{k[:-8]} {v}" for k, v in machine.items() if k.endswith("_version"))
+             + f", Python {machine['python']}  ",
+             f"Date: {machine['date']}", "",
+             "Measured values only; a figure that could not be measured says why. Shared, noisy 2-core "
+             "machines: compare ratios within one run rather than absolute numbers across runs.", ""]
+    if "quality" in results:
+        q = results["quality"]
+        figures.update(q["figures"])
+        lines += quality_section(q)
+    for key, title in (("search", "## 3. Vector search"), ("serving", "## 4. Serving"),
+                       ("gpu", "## 5. GPU")):
+        if key not in results:
+            continue
+        sec = results[key]
+        figures.update(sec.get("figures", {}))
+        lines += [title, ""] + sec.get("intro", []) + [""] + table(sec.get("rows", [])) + [""]
+        for p in sec.get("plots", []):
+            lines += [f"![{key}]({os.path.relpath(p, out_dir)})", ""]
+    notes = [n for sec in results.values() for n in sec.get("notes", [])]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    md = os.path.join(out_dir, "benchmarks.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines))
+    flat = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()}
+    flat.update({f"machine_{k}": v for k, v in machine.items()})
+    with open(os.path.join(out_dir, "benchmarks.json"), "w") as f:
+        json.dump(flat, f, indent=2, sort_keys=True)
+    return md
