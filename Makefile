@@ -30,6 +30,8 @@ demo: install
 		--output $(MODELS)/mind/data/demo --overwrite
 	cd $(MODELS) && ../$(BIN)/python -u trainer.py -m mind/config.yaml
 	cd $(MODELS) && ../$(BIN)/python -u infer.py -m mind/config.yaml -top_n 50
+	$(BIN)/paddlerec-milvus export -m $(MODELS)/mind/config.yaml --output output/export
+	@echo "next: .venv/bin/paddlerec-milvus api   (REST API + demo page on http://127.0.0.1:8000)"
 
 test: install-dev
 	$(BIN)/python -m pytest

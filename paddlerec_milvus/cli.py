@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: latest)")
     p.add_argument("--output", required=True, help="folder for the inference model and manifest")
-    p.add_argument("--collection", default=None, help="serving collection/alias (default milvus.collection)")
+    p.add_argument("--collection", default=None,
+                   help="serving collection/alias "
+                   "(default: milvus.serving_collection or {milvus.collection}_serving)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("serve", help="run the Paddle Serving pipeline (RPC + HTTP) in the foreground")

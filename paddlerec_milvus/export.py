@@ -138,7 +138,9 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
         raise DataError("item map has duplicate raw ids")
 
     version = time.strftime("%Y%m%d%H%M%S") + f"_e{epoch}"
-    base = collection or str(config.get("milvus.collection") or "mind_items")
+    # A collection of its own: the evaluation collection (dense ids) stays untouched.
+    base = collection or str(config.get("milvus.serving_collection") or
+                             f"{config.get('milvus.collection') or 'mind_items'}_serving")
     uri = str(config.get("milvus.uri") or "output_milvus/milvus.db")
     server = not is_local_uri(uri)
     physical = f"{base}_v{version}" if server else base

@@ -98,7 +98,7 @@ def exported_demo(trained_demo, tmp_path_factory) -> dict:
     uri = str(base / "serving.db")
     export_dir = str(base / "model")
     _run_cli("export", "-m", trained_demo["config_path"], "-o", *trained_demo["overrides"],
-             f"milvus.uri={uri}", "milvus.collection=demo_serving", "--output", export_dir)
+             f"milvus.uri={uri}", "--collection", "demo_serving", "--output", export_dir)
     return {"export_dir": export_dir, "milvus_uri": uri, "collection": "demo_serving",
             "config_path": trained_demo["config_path"], "overrides": trained_demo["overrides"]}
 
@@ -108,7 +108,7 @@ def exported_demo_server(trained_demo, milvus_server, tmp_path_factory) -> dict:
     """The same export into the real Milvus server (versioned collection behind an alias)."""
     export_dir = str(tmp_path_factory.mktemp("export-server") / "model")
     _run_cli("export", "-m", trained_demo["config_path"], "-o", *trained_demo["overrides"],
-             f"milvus.uri={milvus_server.uri}", "milvus.collection=demo_serving",
+             f"milvus.uri={milvus_server.uri}", "--collection", "demo_serving",
              "--output", export_dir)
     return {"export_dir": export_dir, "milvus_uri": milvus_server.uri, "collection": "demo_serving",
             "config_path": trained_demo["config_path"], "overrides": trained_demo["overrides"]}
