@@ -99,6 +99,7 @@ class ItemIndex:
         scalar_fields: Sequence[str] = (),
         timeout: float = 10.0,
         retries: int = 3,
+        create: bool = True,  # False: a missing collection is an error (serving must not invent one)
     ):
         if not _NAME.match(collection or ""):
             raise MilvusIndexError(
@@ -115,6 +116,7 @@ class ItemIndex:
         self.batch_size = int(batch_size)
         self.scalar_fields = list(scalar_fields)
         self.timeout, self.retries = timeout, retries
+        self.create = create
         self._client = self._connect(token)
         self._ensure_collection()
 
@@ -181,6 +183,9 @@ class ItemIndex:
             self._check_existing()
             self._call("load_collection", lambda: c.load_collection(name))
             return
+        if not self.create:
+            raise MilvusIndexError(f"no collection or alias {name!r} at {self.uri}; export the model "
+                                   "into it first (paddlerec-milvus export)")
         schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", pm.DataType.INT64, is_primary=True)
         schema.add_field("embedding", pm.DataType.FLOAT_VECTOR, dim=self.dim)
@@ -308,7 +313,10 @@ class ItemIndex:
             chunk = q[s:s + step].tolist()
             res = self._call("search", lambda chunk=chunk: self._client.search(
                 self.collection, data=chunk, limit=limit, filter=filter or "",
-                search_params=params, anns_field="embedding"))
+                search_params=params, anns_field="embedding",
+                # without a timeout pymilvus retries an unreachable server for minutes; it bounds
+                # its retries by time only when the timeout is an int
+                timeout=max(1, round(self.timeout))))
             for r, hits in enumerate(res):
                 row = [(h["id"], h["distance"]) for h in hits]
                 if row:

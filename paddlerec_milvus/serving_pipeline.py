@@ -44,6 +44,7 @@ ERR_INTERNAL = 53
 REQUEST_KEYS = ("hist_item", "top_k", "exclude_history", "filter")
 RESPONSE_KEYS = ("items", "scores", "notes", "model_version")
 TOWER_OP, RECALL_OP = "user_tower", "recall"
+EXIT_GRACE_S = 10.0
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "recall",  # HTTP path: /<name>/prediction
@@ -67,7 +68,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "max_history": 10000,
         "use_gpu": False,
         "search_params": {},
-        "milvus_timeout": 10.0,
+        "milvus_timeout": 3.0,  # seconds per Milvus call (a request fails fast while Milvus is down)
+        "milvus_retries": 1,  # retries of a transient Milvus failure
     },
 }
 
@@ -178,7 +180,9 @@ def make_service(recall: Mapping[str, Any]):
         max_users=recall["max_users"], max_top_k=recall["max_top_k"],
         default_top_k=recall["default_top_k"], use_gpu=bool(recall.get("use_gpu")),
         index_kwargs={"search_params": recall.get("search_params") or {},
-                      "timeout": float(recall.get("milvus_timeout") or 10.0)})
+                      "timeout": float(recall.get("milvus_timeout") or 3.0),
+                      "retries": int(recall.get("milvus_retries") or 0),
+                      "create": False})  # a missing collection is an error, not an empty new one
 
 
 # -- the wire format ------------------------------------------------------------------------
@@ -392,6 +396,8 @@ class RecallPipelineServer:
                 try:
                     self.items = self.service.index.count()
                 except MilvusIndexError as exc:
+                    if "cannot reach" not in str(exc):
+                        raise  # reachable but wrong (no such collection, other dim...): fail now
                     self.service.reset_index()
                     logger.warning("Milvus is not reachable now (%s); requests answer err_no %d until "
                                    "it is back", exc, ERR_MILVUS)
@@ -432,9 +438,10 @@ def serve_main(config_path: str) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in signals}
     server = RecallPipelineServer(config)
-    rc = 0
+    rc = 2  # until it has served and stopped as asked
     try:
         server.start()
+        rc = 0
         while not stop.wait(1.0):
             dead = server.dead_child()
             if dead:
@@ -446,4 +453,9 @@ def serve_main(config_path: str) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         logger.info("recall pipeline stopped")
+        # A request stuck in an Op (e.g. on a hung Milvus) keeps a gRPC worker thread, which
+        # Python joins at exit: give it a few seconds, then leave anyway.
+        watchdog = threading.Timer(EXIT_GRACE_S, os._exit, args=(rc,))
+        watchdog.daemon = True
+        watchdog.start()
     return rc

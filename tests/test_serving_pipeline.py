@@ -1,0 +1,534 @@
+"""The Paddle Serving pipeline, for real: `paddlerec-milvus serve` as a subprocess on free loopback
+ports, the small trained model, Milvus Lite and a real Milvus server; called over RPC
+(PipelineClient, in a client subprocess: this process may already hold the upb protobuf that
+Paddle Serving cannot use) and over HTTP; answers checked against the in-process RecallService.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "serving"))
+from http_client import post_fields, recall_http  # noqa: E402
+
+from paddlerec_milvus.milvus_server import free_port  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+MAX_TOP_K, MAX_USERS = 200, 8
+UNKNOWN_ID = 987654321
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(ppid, []).append(int(d))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def run_cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "paddlerec_milvus.cli", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+class Pipeline:
+    """``paddlerec-milvus serve -c <generated config>`` in a subprocess, in its own empty cwd."""
+
+    def __init__(self, base: str, export_dir: str, milvus_uri: str, collection: str, **extra: object):
+        self.base = base
+        self.cwd = os.path.join(base, "cwd")
+        os.makedirs(self.cwd, exist_ok=True)
+        self.rpc_port, self.http_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}/recall/prediction"
+        self.endpoint = f"127.0.0.1:{self.rpc_port}"
+        conf = {
+            "host": "127.0.0.1", "rpc_port": self.rpc_port, "http_port": self.http_port,
+            "worker_num": 4, "log_dir": "logs",  # relative: to the config's folder
+            "op": {"user_tower": {"concurrency": 2}, "recall": {"concurrency": 2}},
+            "recall": {"export_dir": export_dir, "milvus_uri": milvus_uri, "collection": collection,
+                       "max_top_k": MAX_TOP_K, "max_users": MAX_USERS, "milvus_timeout": 2,
+                       "milvus_retries": 0},
+        }
+        for key, value in extra.items():
+            conf[key] = {**conf.get(key, {}), **value} if isinstance(value, dict) else value
+        self.config = os.path.join(base, "config.yml")
+        with open(self.config, "w") as f:
+            json.dump(conf, f)  # JSON is YAML
+        self.log = os.path.join(base, "serve.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> Pipeline:
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "paddlerec_milvus.cli", "serve", "-c", self.config],
+                cwd=self.cwd, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_text()
+            if "recall pipeline ready" in text:
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"pipeline did not start:\n{self.log_text()[-4000:]}")
+
+    def log_text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for pid in descendants(self.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class RpcClientProcess:
+    """``serving/rpc_client.py --stdin``: one JSON request per line in, one answer per line out."""
+
+    def __init__(self, endpoint: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "serving", "rpc_client.py"), "--endpoint", endpoint,
+             "--stdin", "--timeout", "20"], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        self.lock = threading.Lock()
+
+    def call(self, request: dict) -> dict:
+        with self.lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        assert line, "rpc client process died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+class TcpRelay:
+    """A TCP forwarder in front of the Milvus server: stopping it is a real network outage."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpRelay:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        s.settimeout(0.2)
+        self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                conn.close()
+                continue
+            conn.settimeout(None)
+            with self._lock:
+                self._conns += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+
+def demo_histories(export_dir: str, n: int = 3) -> list[list[int]]:
+    """Real test-split histories of the demo data, as raw item ids (the ids users know)."""
+    raw = {}
+    with open(os.path.join(export_dir, "item_map.tsv")) as f:
+        next(f)
+        for line in f:
+            d, r = line.split("\t")
+            raw[int(d)] = int(r)
+    test_dir = os.path.join(REPO, "models", "mind", "data", "demo", "test")
+    rows = []
+    with open(os.path.join(test_dir, sorted(os.listdir(test_dir))[0])) as f:
+        for line in f:
+            hist = [raw[int(t.split(":")[1])] for t in line.split() if t.startswith("hist_item:")]
+            if hist:
+                rows.append(hist)
+            if len(rows) == n:
+                break
+    rows.append(rows[0] + rows[1])  # longer than maxlen: the latest maxlen are used
+    return rows
+
+
+def assert_same_recall(answer: dict, expected, where: str) -> None:
+    assert answer["err_no"] == 0, f"{where}: {answer}"
+    assert answer["items"] == expected.items, where
+    for got, want in zip(answer["scores"], expected.scores):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4), where
+
+
+def stop_and_check(pipe: Pipeline) -> None:
+    """SIGTERM: exit 0, no process left behind, no port left listening, no files in the cwd."""
+    kids = descendants(pipe.proc.pid)
+    assert kids, "the pipeline should have children (HTTP gateway)"
+    t0 = time.monotonic()
+    assert pipe.stop() == 0, pipe.log_text()[-3000:]
+    assert time.monotonic() - t0 < 20
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in kids if alive(p)], "child processes left running"
+    assert not listening(pipe.rpc_port) and not listening(pipe.http_port)
+    assert os.listdir(pipe.cwd) == [], "Paddle Serving wrote into the working directory"
+    assert os.path.isdir(os.path.join(pipe.base, "logs", "PipelineServingLogs"))
+    assert not os.path.exists(os.path.join(pipe.base, "logs", "ProcessInfo.json"))
+    assert "recall pipeline stopped" in pipe.log_text()
+
+
+# -- Milvus Lite ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lite_export(trained_demo, tmp_path_factory) -> dict:
+    """An export into a Lite file only this module's server opens; a copy of the file (Lite opens a
+    .db in one process only) backs the in-process reference service."""
+    base = str(tmp_path_factory.mktemp("pipeline-lite"))
+    served, ref = os.path.join(base, "served.db"), os.path.join(base, "reference.db")
+    export_dir = os.path.join(base, "model")
+    run_cli("export", "-m", trained_demo["config_path"], "-o", *trained_demo["overrides"],
+            f"milvus.uri={served}", "--collection", "pipeline_items", "--output", export_dir)
+    shutil.copy(served, ref)
+    return {"base": base, "export_dir": export_dir, "served_uri": served, "ref_uri": ref,
+            "collection": "pipeline_items"}
+
+
+@pytest.fixture(scope="module")
+def lite_ref(lite_export):
+    from paddlerec_milvus.service import RecallService
+
+    svc = RecallService(lite_export["export_dir"], milvus_uri=lite_export["ref_uri"],
+                        max_top_k=MAX_TOP_K, max_users=MAX_USERS)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def lite_pipe(lite_export):
+    pipe = Pipeline(os.path.join(lite_export["base"], "serve"), lite_export["export_dir"],
+                    lite_export["served_uri"], lite_export["collection"])
+    pipe.start()
+    yield pipe
+    pipe.kill()
+
+
+@pytest.fixture(scope="module")
+def lite_rpc(lite_pipe):
+    client = RpcClientProcess(lite_pipe.endpoint)
+    yield client
+    client.close()
+
+
+def test_lite_rpc_and_http_answer_as_in_process(lite_pipe, lite_rpc, lite_ref, lite_export):
+    hists = demo_histories(lite_export["export_dir"])
+    for top_k in (10, 50):
+        want = lite_ref.recall(hists, top_k)
+        assert_same_recall(recall_http(lite_pipe.url, hists, top_k), want, f"http top_k={top_k}")
+        assert_same_recall(lite_rpc.call({"hist_item": hists, "top_k": top_k}), want, f"rpc top_k={top_k}")
+    # one user at a time, exclude_history, default top_k
+    for h in hists:
+        want = lite_ref.recall([h], 20, exclude_history=True)
+        got = recall_http(lite_pipe.url, [h], 20, exclude_history=True)
+        assert_same_recall(got, want, "http exclude_history")
+        assert not set(got["items"][0]) & set(h)
+        assert_same_recall(lite_rpc.call({"hist_item": [h], "top_k": 20, "exclude_history": True}),
+                           want, "rpc exclude_history")
+    got = recall_http(lite_pipe.url, hists[:1])
+    assert got["err_no"] == 0 and len(got["items"][0]) == 50  # default_top_k
+    assert got["model_version"] == lite_ref.manifest.model_version
+    # a flat list is one user's history
+    flat = post_fields(lite_pipe.url, {"hist_item": json.dumps(hists[0]), "top_k": "5"})
+    assert_same_recall(flat, lite_ref.recall([hists[0]], 5), "flat history")
+
+
+def test_unknown_ids_are_ignored_and_said_so(lite_pipe, lite_rpc, lite_ref, lite_export):
+    h = demo_histories(lite_export["export_dir"])[0]
+    for got in (recall_http(lite_pipe.url, [h + [UNKNOWN_ID]], 10),
+                lite_rpc.call({"hist_item": [h + [UNKNOWN_ID]], "top_k": 10})):
+        assert_same_recall(got, lite_ref.recall([h], 10), "unknown id ignored")
+        assert any("unknown item ids ignored" in n and str(UNKNOWN_ID) in n for n in got["notes"]), got
+
+
+BAD_REQUESTS = [
+    ({"hist_item": "[[1.5]]"}, "is not an integer item id"),
+    ({"hist_item": '[["abc"]]'}, "is not an integer item id"),
+    ({"hist_item": "[[5468, -3]]"}, "is negative"),
+    ({"hist_item": "[[]]"}, "is empty"),
+    ({"hist_item": "[]"}, "non-empty list"),
+    ({"hist_item": f"[[{UNKNOWN_ID}]]"}, "none of its item ids is known"),
+    ({"hist_item": "GOOD", "top_k": "0"}, f"top_k = 0 out of range 1..{MAX_TOP_K}"),
+    ({"hist_item": "GOOD", "top_k": str(MAX_TOP_K + 1)}, "out of range"),
+    ({"hist_item": "GOOD", "top_k": '"ten"'}, "must be an integer"),
+    ({"hist_item": "[[5468, 30460"}, "hist_item is not valid JSON"),
+    ({"top_k": "5"}, 'missing key "hist_item"'),
+    ({"hist_item": "GOOD", "topk": "5"}, "unknown request keys ['topk']"),
+    ({"hist_item": "GOOD", "exclude_history": '"yes"'}, "must be true or false"),
+    ({"hist_item": json.dumps([[5468]] * (MAX_USERS + 1))}, f"the limit is {MAX_USERS}"),
+]
+
+
+def test_bad_requests_say_what_is_wrong_and_serving_goes_on(lite_pipe, lite_rpc, lite_ref, lite_export):
+    good = demo_histories(lite_export["export_dir"])[:1]
+    want = lite_ref.recall(good, 10)
+    for fields, message in BAD_REQUESTS:
+        fields = {k: json.dumps(good) if v == "GOOD" else v for k, v in fields.items()}
+        for name, got in (("http", post_fields(lite_pipe.url, fields)),
+                          ("rpc", lite_rpc.call({"raw": fields}))):
+            assert got["err_no"] == 51, (name, fields, got)
+            assert message in got["err_msg"], (name, fields, got)
+            assert_same_recall(recall_http(lite_pipe.url, good, 10), want, f"after {name} {fields}")
+    # a body that is not JSON at all: the HTTP gateway answers 400, the pipeline serves on
+    r = requests.post(lite_pipe.url, data="not json", timeout=10)
+    assert r.status_code == 400 and "invalid character" in r.text
+    assert_same_recall(lite_rpc.call({"hist_item": good, "top_k": 10}), want, "after a garbage body")
+
+
+def test_concurrent_requests_share_one_service(lite_pipe, lite_ref, lite_export):
+    hists = demo_histories(lite_export["export_dir"])
+    want = {i: lite_ref.recall([h], 15) for i, h in enumerate(hists)}
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        with requests.Session() as s:
+            for n in range(12):
+                i = (seed + n) % len(hists)
+                got = recall_http(lite_pipe.url, [hists[i]], 15, session=s)
+                if got["err_no"] != 0 or got["items"] != want[i].items:
+                    errors.append(f"{seed}/{n}: {got}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+
+
+def test_lite_sigterm_leaves_no_process_port_or_file(lite_pipe, lite_rpc):
+    lite_rpc.close()
+    stop_and_check(lite_pipe)
+
+
+def test_process_mode_with_milvus_lite_fails_at_start(lite_export, tmp_path):
+    pipe = Pipeline(str(tmp_path), lite_export["export_dir"], lite_export["served_uri"],
+                    lite_export["collection"], dag={"is_thread_op": False},
+                    op={"user_tower": {"concurrency": 1}, "recall": {"concurrency": 2}})
+    proc = subprocess.run([sys.executable, "-m", "paddlerec_milvus.cli", "serve", "-c", pipe.config],
+                          cwd=pipe.cwd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Lite opens a .db in one process only" in proc.stderr and "Use a Milvus server" in proc.stderr
+    assert not listening(pipe.rpc_port) and not listening(pipe.http_port)
+
+
+# -- a real Milvus server -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def relay(milvus_server):
+    r = TcpRelay(milvus_server.port).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def server_ref(exported_demo_server):
+    from paddlerec_milvus.service import RecallService
+
+    svc = RecallService(exported_demo_server["export_dir"], max_top_k=MAX_TOP_K, max_users=MAX_USERS)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def server_pipe(exported_demo_server, relay, tmp_path_factory):
+    pipe = Pipeline(str(tmp_path_factory.mktemp("pipeline-server")), exported_demo_server["export_dir"],
+                    f"http://127.0.0.1:{relay.port}", exported_demo_server["collection"])
+    pipe.start()
+    yield pipe
+    pipe.kill()
+
+
+@pytest.mark.server
+def test_server_rpc_and_http_answer_as_in_process(server_pipe, server_ref, exported_demo_server):
+    hists = demo_histories(exported_demo_server["export_dir"])
+    want = server_ref.recall(hists, 30)
+    assert_same_recall(recall_http(server_pipe.url, hists, 30), want, "http")
+    client = RpcClientProcess(server_pipe.endpoint)
+    try:
+        assert_same_recall(client.call({"hist_item": hists, "top_k": 30}), want, "rpc")
+    finally:
+        client.close()
+
+
+@pytest.mark.server
+def test_milvus_outage_is_a_clear_error_and_heals(server_pipe, server_ref, relay, exported_demo_server):
+    hists = demo_histories(exported_demo_server["export_dir"])[:2]
+    want = server_ref.recall(hists, 10)
+    assert_same_recall(recall_http(server_pipe.url, hists, 10), want, "before")
+    relay.stop()
+    try:
+        t0 = time.monotonic()
+        for _ in range(2):  # the broken connection, then a failed reconnect
+            got = recall_http(server_pipe.url, hists, 10, timeout=60)
+            assert got["err_no"] == 52, got
+            assert "cannot reach Milvus" in got["err_msg"], got
+        assert time.monotonic() - t0 < 30
+        bad = post_fields(server_pipe.url, {"hist_item": "[[-1]]"})  # validation still answers
+        assert bad["err_no"] == 51
+    finally:
+        relay.start()
+    deadline = time.monotonic() + 60
+    while True:
+        got = recall_http(server_pipe.url, hists, 10, timeout=60)
+        if got["err_no"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert_same_recall(got, want, "after Milvus is back")
+
+
+@pytest.mark.server
+def test_reexport_alias_switch_loses_no_request(server_pipe, server_ref, exported_demo_server,
+                                                 milvus_server, tmp_path):
+    from pymilvus import MilvusClient
+
+    hists = demo_histories(exported_demo_server["export_dir"])
+    want = {i: server_ref.recall([h], 20).items for i, h in enumerate(hists)}
+    alias = exported_demo_server["collection"]
+    client = MilvusClient(uri=milvus_server.uri)
+    before = client.describe_alias(alias)["collection_name"]
+    answers: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def http_worker() -> None:
+        with requests.Session() as s:
+            n = 0
+            while not stop.is_set():
+                i = n % len(hists)
+                answers.append((i, recall_http(server_pipe.url, [hists[i]], 20, session=s, timeout=30)))
+                n += 1
+
+    rpc = RpcClientProcess(server_pipe.endpoint)
+
+    def rpc_worker() -> None:
+        n = 0
+        while not stop.is_set():
+            i = n % len(hists)
+            answers.append((i, rpc.call({"hist_item": [hists[i]], "top_k": 20})))
+            n += 1
+
+    threads = [threading.Thread(target=f) for f in (http_worker, http_worker, rpc_worker)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        run_cli("export", "-m", exported_demo_server["config_path"], "-o",
+                *exported_demo_server["overrides"], f"milvus.uri={milvus_server.uri}",
+                "--collection", alias, "--output", str(tmp_path / "model-v2"))
+        after_switch = len(answers)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        rpc.close()
+    after = client.describe_alias(alias)["collection_name"]
+    client.close()
+    assert after != before, "the export should have switched the alias"
+    assert len(answers) > after_switch > 10
+    failed = [a for i, a in answers if a["err_no"] != 0 or a["items"] != want[i]]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:2]}"
+
+
+@pytest.mark.server
+def test_server_sigterm_leaves_no_process_or_port(server_pipe):
+    stop_and_check(server_pipe)
