@@ -300,6 +300,11 @@ def create_app(settings: ApiSettings | None = None, **overrides: Any) -> FastAPI
         errs = exc.errors()
         first = errs[0] if errs else {}
         msg = f"{_field_path(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid request')}"
+        if first.get("type") == "json_invalid":
+            loc = first.get("loc", ())
+            where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            why = (first.get("ctx") or {}).get("error", "parse error")
+            msg = f"the request body is not valid JSON ({why}{where})"
         if "input" in first and first.get("type") not in ("missing", "list_too_long", "json_invalid"):
             shown = repr(first["input"])
             msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
