@@ -11,6 +11,7 @@ API process per Lite file, or point it at a Milvus server.
 
 import csv
 import gzip
+import html
 import logging
 import os
 import threading
@@ -93,7 +94,7 @@ def load_titles(path: str | None) -> dict[int, str]:
     with opener(path, "rt", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             try:
-                titles[int(row["item"])] = (row.get("title") or "").strip()
+                titles[int(row["item"])] = html.unescape(row.get("title") or "").strip()
             except (KeyError, ValueError, TypeError):
                 continue
     logger.info("loaded %d item titles from %s", len(titles), path)
@@ -210,6 +211,20 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or "body"
+
+
+def _clear(index: Any) -> None:
+    """Drop the collection. On a Milvus server the serving name is an alias of the exported
+    version, which Milvus will not drop: there the rows are deleted and the alias kept."""
+    try:
+        index.drop()
+        logger.info("dropped collection %s", index.collection)
+    except MilvusIndexError as exc:
+        if "alias" not in str(exc):
+            raise
+        index._call("delete", lambda: index._client.delete(index.collection, filter="item_id >= 0"))
+        logger.info("deleted every item of %s (an alias; the collection behind it stays)",
+                    index.collection)
 
 
 class _State:
@@ -401,9 +416,8 @@ def create_app(settings: ApiSettings | None = None, **overrides: Any) -> FastAPI
         """Delete the collection and its data; ``/rec/insert_data`` re-creates it."""
         service = svc()
         with state.write_lock:
-            service.index.drop()
+            _clear(service.index)
             service.reset_index()
-            logger.info("dropped collection %s", service.collection)
             left = service.index.count()  # re-created empty, so count and recall keep answering
         return DropResponse(dropped=True, collection=service.collection, count=left)
 

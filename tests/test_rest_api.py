@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import html
 import json
 import os
 import shutil
@@ -121,7 +122,7 @@ def demo(exported_demo) -> dict:
         if len(items) >= 12:
             histories.append(items[:12])
     with gzip.open(TITLES, "rt") as f:
-        titles = {int(r["item"]): r["title"] for r in csv.DictReader(f)}
+        titles = {int(r["item"]): html.unescape(r["title"]).strip() for r in csv.DictReader(f)}
     return {"raw_ids": raw_ids, "vectors": vectors, "known": known, "histories": histories[:50],
             "titles": titles}
 
@@ -328,6 +329,27 @@ def test_other_bad_requests_and_the_service_keeps_answering(api, demo):
     assert api.post("/rec/count").json()["count"] == 1940
     r = api.post("/rec/recall", {"top_k": 5, "hist_item": [history]})
     assert r.status_code == 200 and len(r.json()["items"][0]) == 5
+
+
+# -- a real Milvus server: the serving name is an alias of the exported version ------------------
+@pytest.mark.server
+def test_on_a_milvus_server_drop_keeps_the_alias(exported_demo_server, demo, tmp_path):
+    srv = ApiProcess(str(tmp_path / "api-server.log"), export_dir=exported_demo_server["export_dir"],
+                     titles=TITLES).start()  # uri and collection from the export's manifest
+    try:
+        history = demo["histories"][0]
+        h = srv.get("/health").json()
+        assert h["status"] == "ok" and h["milvus_uri"].startswith("http://") and h["count"] == 1940
+        first = srv.post("/rec/recall", {"top_k": 10, "hist_item": [history]}).json()["items"][0]
+        assert len(first) == 10
+        r = srv.post("/rec/drop")
+        assert r.status_code == 200 and r.json()["count"] == 0, r.text
+        assert srv.post("/rec/recall", {"top_k": 10, "hist_item": [history]}).json()["items"] == [[]]
+        assert srv.post("/rec/insert_data").json()["count"] == 1940
+        assert srv.post("/rec/recall", {"top_k": 10, "hist_item": [history]}).json()["items"][0] == first
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.tail()
 
 
 # -- Milvus down: 503, and the service stays up -------------------------------------------------
