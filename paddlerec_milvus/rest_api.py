@@ -236,7 +236,6 @@ class _State:
         self.titles: dict[int, str] = {}
         self.search_keys: list[tuple[int, str]] = []
         self.write_lock = threading.Lock()
-        self.started = time.time()
 
     def start(self, service: Any = None) -> None:
         from .service import RecallService
@@ -271,7 +270,7 @@ def create_app(settings: ApiSettings | None = None, **overrides: Any) -> FastAPI
     export, Milvus and titles are; the model loads when the app starts (lifespan)."""
     s = settings or ApiSettings.from_env(**overrides)
     state = _State(s)
-    # The request schemas need the model's dim; read it from the manifest without loading Paddle.
+    # The request schemas need the model's dim: read it from the manifest (the model loads at startup).
     from .export import Manifest
 
     manifest = Manifest.load(os.path.abspath(s.export_dir))
