@@ -166,6 +166,25 @@ def process_info_path() -> str:
     return os.path.join(CONF_HOME, "ProcessInfo.json")
 
 
+def _child_signals() -> None:
+    """In every child the server forks (Op processes, workers, gateway): the parent's SIGTERM
+    handler would only set the parent's stop flag there, so restore the default; Ctrl-C reaches
+    the whole process group, and the parent stops its children itself."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_fork_hook_installed = False
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_child_signals)
+        _fork_hook_installed = True
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: the child gets SIGKILL when its parent dies, even if the parent is killed hard."""
     with contextlib.suppress(Exception):
@@ -238,6 +257,7 @@ class PipelineRunner:
         connections, so the child starts from a process without gRPC channels or predictors.
         """
         pipeline = load_pipeline(self.log_dir, with_paddle=True)
+        _install_fork_hook()
         server = pipeline.PipelineServer(self.name)
         server.set_response_op(self.response_op)
         try:
