@@ -1,0 +1,1 @@
+"""Benchmarks: vector search, training and serving."""
