@@ -87,9 +87,13 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
                 close = difflib.get_close_matches(key, list(config), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"override of unknown key {key!r}{hint}")
-            close = difflib.get_close_matches(key, list(config), n=1, cutoff=0.8)
+            # A new key in a known section is fine unless it looks like a typo of a sibling.
+            parent, _, leaf = key.rpartition(".")
+            siblings = {k.rpartition(".")[2]: k for k in config if k.rpartition(".")[0] == parent}
+            close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.8)
             if close:
-                raise ConfigError(f"override of unknown key {key!r} (did you mean {close[0]!r}?)")
+                raise ConfigError(
+                    f"override of unknown key {key!r} (did you mean {siblings[close[0]]!r}?)")
             config[key] = yaml.safe_load(raw) if raw else None
             continue
         config[key] = _cast(key, raw, config[key])

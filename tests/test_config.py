@@ -90,3 +90,10 @@ def test_require_checks_presence_and_type(cfg_file):
         require(cfg, "runner.seed")
     with pytest.raises(ConfigError, match="wrong type"):
         require(cfg, "runner.use_gpu", int)
+
+
+def test_new_key_next_to_a_similar_sibling_is_a_typo(cfg_file):
+    cfg = load_config(str(cfg_file), ["hyper_parameters.optimizer.lazy_mode=False"])
+    assert cfg["hyper_parameters.optimizer.lazy_mode"] is False
+    with pytest.raises(ConfigError, match="did you mean 'hyper_parameters.optimizer.learning_rate'"):
+        load_config(str(cfg_file), ["hyper_parameters.optimizer.learning_rat=0.1"])

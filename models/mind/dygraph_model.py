@@ -52,9 +52,11 @@ class DygraphModel:
 
     def create_optimizer(self, dy_model, config):
         lr = config.get("hyper_parameters.optimizer.learning_rate", 0.001)
-        # lazy_mode: Adam touches only the embedding rows a batch used (sparse gradients).
+        # lazy_mode: Adam touches only the embedding rows a batch used (sparse gradients);
+        # False updates every row each step (momentum keeps moving rows not in the batch).
+        lazy = config.get("hyper_parameters.optimizer.lazy_mode", True)
         return paddle.optimizer.Adam(
-            learning_rate=lr, parameters=dy_model.parameters(), lazy_mode=True
+            learning_rate=lr, parameters=dy_model.parameters(), lazy_mode=lazy
         )
 
     def create_metrics(self):
