@@ -100,6 +100,7 @@ class ItemIndex:
         timeout: float = 10.0,
         retries: int = 3,
         create: bool = True,  # False: a missing collection is an error (serving must not invent one)
+        consistency_level: str = "Session",
     ):
         if not _NAME.match(collection or ""):
             raise MilvusIndexError(
@@ -117,6 +118,12 @@ class ItemIndex:
         self.scalar_fields = list(scalar_fields)
         self.timeout, self.retries = timeout, retries
         self.create = create
+        # Session: a client reads its own writes at once; Strong makes every search on a server
+        # wait for the next timestamp tick (~200 ms). Lite ignores the level.
+        if consistency_level not in ("Strong", "Session", "Bounded", "Eventually"):
+            raise MilvusIndexError(f"milvus.consistency_level {consistency_level!r}: expected Strong, "
+                                   "Session, Bounded or Eventually")
+        self.consistency_level = consistency_level
         self._client = self._connect(token)
         self._ensure_collection()
 
@@ -133,6 +140,7 @@ class ItemIndex:
             index_type=str(config.get("milvus.index_type") or "FLAT"),
             index_params=section(config, "milvus.index_params"),
             search_params=section(config, "milvus.search_params"),
+            consistency_level=str(config.get("milvus.consistency_level") or "Session"),
             batch_size=int(config.get("milvus.batch_size") or 5000),
             scalar_fields=config.get("milvus.scalar_fields") or (),
             **kwargs,
@@ -195,7 +203,8 @@ class ItemIndex:
         index_params.add_index(field_name="embedding", index_type=self.index_type,
                                metric_type=self.metric, params=dict(self.index_params))
         self._call("create_collection", lambda: c.create_collection(
-            name, schema=schema, index_params=index_params, consistency_level="Strong"))
+            name, schema=schema, index_params=index_params,
+            consistency_level=self.consistency_level))
         self._call("load_collection", lambda: c.load_collection(name))
         logger.info("created collection %s (dim %d, %s/%s) at %s", name, self.dim,
                     self.index_type, self.metric, self.uri)
@@ -270,7 +279,7 @@ class ItemIndex:
 
     def count(self) -> int:
         res = self._call("count", lambda: self._client.query(
-            self.collection, filter="", output_fields=["count(*)"]))
+            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"))
         return int(res[0]["count(*)"]) if res else 0
 
     def delete(self, ids: Sequence[int]) -> None:
@@ -314,6 +323,7 @@ class ItemIndex:
             res = self._call("search", lambda chunk=chunk: self._client.search(
                 self.collection, data=chunk, limit=limit, filter=filter or "",
                 search_params=params, anns_field="embedding",
+                consistency_level=self.consistency_level,
                 # without a timeout pymilvus retries an unreachable server for minutes; it bounds
                 # its retries by time only when the timeout is an int
                 timeout=max(1, round(self.timeout))))
