@@ -52,9 +52,16 @@ def test_interests_are_deterministic_and_squashed(model):
     assert np.abs(a.numpy()[0, 0] - a.numpy()[0, 1]).max() > 1e-4
 
 
-def test_routing_weights_sum_to_one_over_interests(model):
-    _, w = model(t([[1, 2, 3, 4, 5, 0, 0, 0]]), t([5]))
+def test_routing_weights_sum_to_one_over_the_softmax_axis(model):
+    _, w = model(t([[1, 2, 3, 4, 5, 0, 0, 0]]), t([5]))  # default: over the behaviours
+    np.testing.assert_allclose(w.numpy()[0, :, :5].sum(axis=1), np.ones(4), rtol=1e-5)
+    paddle.seed(0)
+    other = net.MindLayer(item_count=100, embedding_dim=16, hidden_size=16, neg_samples=32, maxlen=8,
+                          softmax_axis="interests")
+    other.eval()
+    _, w = other(t([[1, 2, 3, 4, 5, 0, 0, 0]]), t([5]))
     np.testing.assert_allclose(w.numpy()[0, :, :5].sum(axis=0), np.ones(5), rtol=1e-5)
+    assert float(w[:, :, 5:].abs().sum()) == 0.0
 
 
 def test_sampler_range_and_log_uniform_shape():

@@ -32,6 +32,8 @@ class DygraphModel:
             config.get("hyper_parameters.capsual.iters", 3),
             config.get("hyper_parameters.capsual.max_k", 4),
             config.get("hyper_parameters.capsual.init_std", 1.0),
+            config.get("hyper_parameters.capsual.softmax_axis", "behaviours"),
+            config.get("hyper_parameters.capsual.normalize_update", True),
         )
 
     def create_feeds_train(self, batch_data):

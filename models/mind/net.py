@@ -23,13 +23,22 @@ class CapsuleRouting(nn.Layer):
     """Behaviour-to-interest dynamic routing with one shared bilinear map.
 
     Routing logits start from a fixed, seeded matrix stored with the model (not redrawn per
-    call), so the same history always gives the same interests, online and offline.
-    The softmax is taken over the interest axis in every iteration.
+    call), so the same history always gives the same interests, online and offline. The
+    softmax runs over the same axis in every iteration: over the behaviours (``softmax_axis =
+    "behaviours"``: each interest is a convex mix of the history, the default) or over the
+    interests (``"interests"``: each behaviour is split among the interests). Padded slots get
+    weight exactly 0 either way.
     """
 
-    def __init__(self, dim, hidden_size, maxlen, max_k, iters, init_std):
+    def __init__(self, dim, hidden_size, maxlen, max_k, iters, init_std,
+                 softmax_axis="behaviours", normalize_update=True):
         super().__init__()
+        if softmax_axis not in ("behaviours", "interests"):
+            raise ValueError("capsual.softmax_axis must be 'behaviours' or 'interests', "
+                             f"got {softmax_axis!r}")
         self.max_k, self.iters, self.maxlen = max_k, iters, maxlen
+        self.over_behaviours = softmax_axis == "behaviours"
+        self.normalize_update = normalize_update
         self.bilinear = self.create_parameter(
             [dim, hidden_size], default_initializer=nn.initializer.XavierUniform()
         )
@@ -37,6 +46,11 @@ class CapsuleRouting(nn.Layer):
             [max_k, maxlen], default_initializer=nn.initializer.Normal(0.0, init_std)
         )
         self.routing_init.stop_gradient = True
+
+    def _weights(self, logits, mask):
+        if self.over_behaviours:
+            return F.softmax(logits + (mask - 1.0) * 1e9, axis=-1) * mask
+        return F.softmax(logits, axis=1) * mask
 
     def forward(self, item_emb, seq_len):
         # item_emb [B, L, D], seq_len [B] or [B, 1]
@@ -47,10 +61,13 @@ class CapsuleRouting(nn.Layer):
         low_fixed = low.detach()
         logits = self.routing_init.unsqueeze(0) + paddle.zeros_like(mask)  # [B, K, L]
         for i in range(self.iters):
-            weight = F.softmax(logits, axis=1) * mask  # [B, K, L]
+            weight = self._weights(logits, mask)  # [B, K, L]
             if i < self.iters - 1:
                 interests = squash(paddle.matmul(weight, low_fixed))  # [B, K, H]
-                logits = logits + paddle.matmul(interests, low_fixed, transpose_y=True)
+                delta = paddle.matmul(interests, low_fixed, transpose_y=True)
+                if self.normalize_update:  # keeps the softmax from saturating on large embeddings
+                    delta = delta / paddle.clip(paddle.norm(delta, p=2, axis=-1, keepdim=True), min=1.0)
+                logits = logits + delta
             else:
                 interests = squash(paddle.matmul(weight, low))
         return interests, weight
@@ -101,7 +118,7 @@ class MindLayer(nn.Layer):
 
     def __init__(self, item_count, embedding_dim=64, hidden_size=64, neg_samples=1280,
                  maxlen=20, pow_p=1.0, capsual_iters=3, capsual_max_k=4,
-                 capsual_init_std=1.0):
+                 capsual_init_std=1.0, softmax_axis="behaviours", normalize_update=True):
         super().__init__()
         self.item_count = item_count
         self.neg_samples = neg_samples
@@ -111,7 +128,7 @@ class MindLayer(nn.Layer):
             weight_attr=paddle.ParamAttr(initializer=nn.initializer.XavierUniform()),
         )
         self.capsule = CapsuleRouting(embedding_dim, hidden_size, maxlen, capsual_max_k,
-                                      capsual_iters, capsual_init_std)
+                                      capsual_iters, capsual_init_std, softmax_axis, normalize_update)
         self.sampler = LogUniformSampler(item_count - 1)
 
     def interests(self, hist_item, seq_len):
