@@ -310,12 +310,26 @@ class PipelineRunner:
             dead = self.dead_child()
             if dead:
                 raise ServingCompatError(f"{dead} exited during start (see {self.log_dir or 'logs'})")
-            if port_open(probe, self.rpc_port) and (not self.http_port or port_open("127.0.0.1",
-                                                                                 int(self.http_port))):
+            if port_open(probe, self.rpc_port) and (not self.http_port or self._gateway_connected()):
                 return
             time.sleep(0.1)
         raise ServingCompatError(f"pipeline ports {self.rpc_port}/{self.http_port} not open after "
                                  f"{timeout:.0f} s")
+
+    def _gateway_connected(self) -> bool:
+        """The Go gateway dials gRPC once at start and backs off (1 s, 1.6 s, ...) after a refusal,
+        answering 503 meanwhile: ready means a request reached the gRPC server through it. The
+        probe names no service, so the server answers "service name error" without running Ops."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/__ready_probe__/prediction",
+                                     data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return b"err_no" in r.read()
+        except (urllib.error.URLError, OSError):
+            return False
 
     def dead_child(self) -> str | None:
         """Name of a child (gateway, worker) that has exited, if any: the server is then broken."""

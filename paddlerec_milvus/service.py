@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 
 from .errors import RequestError
 from .export import Manifest
-from .milvus_index import MAX_TOP_K, ItemIndex
+from .milvus_index import MAX_TOP_K, ItemIndex, is_local_uri
 from .recall import UserRecall, recall_top_k
 
 logger = logging.getLogger(__name__)
@@ -170,9 +171,17 @@ class RecallService:
         """The Milvus half: K vectors per user -> merged raw-id lists."""
         if filter is not None and not isinstance(filter, str):
             raise RequestError("filter must be a Milvus boolean expression string")
-        return recall_top_k(self.index, interests, top_k,
-                            histories=[set(h) for h in histories], exclude_history=exclude_history,
-                            filter=filter or None)
+        for attempt in range(4):
+            results = recall_top_k(self.index, interests, top_k,
+                                   histories=[set(h) for h in histories], exclude_history=exclude_history,
+                                   filter=filter or None)
+            # A search racing an alias switch on a Milvus server can come back empty for a moment
+            # (milvus-io/milvus#25662, #52351): without a filter, an empty answer from a server is
+            # that (or an empty collection), so ask again a few times.
+            if filter or all(r.ids for r in results) or is_local_uri(self.uri) or attempt == 3:
+                return results
+            time.sleep(0.05 * 2 ** attempt)
+        return results
 
     def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                exclude_history: bool = False, filter: str | None = None) -> RecallAnswer:

@@ -522,7 +522,8 @@ def test_reexport_alias_switch_loses_no_request(server_pipe, server_ref, exporte
             t.join(60)
         rpc.close()
     after = client.describe_alias(alias)["collection_name"]
-    client.close()
+    # no client.close(): pymilvus shares one connection per uri in a process, and closing it
+    # would break the in-process reference service
     assert after != before, "the export should have switched the alias"
     assert len(answers) > after_switch > 10
     failed = [a for i, a in answers if a["err_no"] != 0 or a["items"] != want[i]]
@@ -532,3 +533,20 @@ def test_reexport_alias_switch_loses_no_request(server_pipe, server_ref, exporte
 @pytest.mark.server
 def test_server_sigterm_leaves_no_process_or_port(server_pipe):
     stop_and_check(server_pipe)
+
+
+@pytest.mark.server
+def test_process_mode_on_a_milvus_server(exported_demo_server, server_ref, tmp_path):
+    """Ops in processes (each builds its own RecallService) work against a Milvus server."""
+    hists = demo_histories(exported_demo_server["export_dir"])[:2]
+    pipe = Pipeline(str(tmp_path), exported_demo_server["export_dir"], exported_demo_server["milvus_uri"],
+                    exported_demo_server["collection"], dag={"is_thread_op": False},
+                    op={"user_tower": {"concurrency": 1}, "recall": {"concurrency": 2}})
+    pipe.start()
+    try:
+        assert "process mode" in pipe.log_text()
+        assert_same_recall(recall_http(pipe.url, hists, 10, timeout=60), server_ref.recall(hists, 10),
+                           "process mode")
+        stop_and_check(pipe)
+    finally:
+        pipe.kill()
