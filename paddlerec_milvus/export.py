@@ -23,7 +23,7 @@ import paddle
 
 from .checkpoint import checkpoint_dir, latest_epoch, load_checkpoint
 from .config import resolve_path
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, MilvusIndexError
 from .milvus_index import ItemIndex, is_local_uri
 from .model_dir import load_dygraph_model
 
@@ -161,6 +161,11 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
         try:
             written = index.upsert(raw_ids[1:], vectors)
             if server:
+                # count() is Strong: it returns once the server has applied every write, so searches
+                # of other clients (Session consistency) see the whole version when the alias moves
+                held = index.count()
+                if held != written:
+                    raise MilvusIndexError(f"{physical} holds {held} of {written} items; alias not switched")
                 _point_alias(index, base)
         finally:
             index.close()
