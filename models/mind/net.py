@@ -39,8 +39,10 @@ class CapsuleRouting(nn.Layer):
         self.max_k, self.iters, self.maxlen = max_k, iters, maxlen
         self.over_behaviours = softmax_axis == "behaviours"
         self.normalize_update = normalize_update
+        # N(0, init_std) as in MIND/PaddleRec: a large map makes the squashed interests start
+        # near unit length, so logits (and gradients) are not vanishing at the start.
         self.bilinear = self.create_parameter(
-            [dim, hidden_size], default_initializer=nn.initializer.XavierUniform()
+            [dim, hidden_size], default_initializer=nn.initializer.Normal(0.0, init_std)
         )
         self.routing_init = self.create_parameter(
             [max_k, maxlen], default_initializer=nn.initializer.Normal(0.0, init_std)
@@ -64,7 +66,7 @@ class CapsuleRouting(nn.Layer):
             weight = self._weights(logits, mask)  # [B, K, L]
             if i < self.iters - 1:
                 interests = squash(paddle.matmul(weight, low_fixed))  # [B, K, H]
-                delta = paddle.matmul(interests, low_fixed, transpose_y=True)
+                delta = paddle.matmul(interests, low_fixed, transpose_y=True) * mask
                 if self.normalize_update:  # keeps the softmax from saturating on large embeddings
                     delta = delta / paddle.clip(paddle.norm(delta, p=2, axis=-1, keepdim=True), min=1.0)
                 logits = logits + delta
