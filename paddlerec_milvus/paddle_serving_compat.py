@@ -14,8 +14,9 @@ Python 3.11"):
 4. Its side effects contained: ``PipelineServingLogs/`` and ``ProcessInfo.json`` go to a chosen
    folder (not the working directory), the root logger is restored (it sets it to DEBUG with file
    handlers and disables every existing logger), and its ``print`` calls go to ``logging``.
-5. Its children stopped: the Go HTTP gateway ignores SIGTERM, so it is killed (and told to die
-   with its parent); worker processes are terminated, then killed.
+5. Its children stopped: the Go HTTP gateway ignores SIGTERM, so it is killed; worker and Op
+   processes are terminated, then killed; all of them are told to die with the server. On an
+   init error Paddle Serving SIGKILLs its whole process group: here only its own process.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def load_pipeline(log_dir: str | None = None, log_level: int = logging.ERROR,
             module = sys.modules.get(f"paddle_serving_server.pipeline.{name}")
             if module is not None:
                 module.print = _quiet_print
+        sys.modules["paddle_serving_server.pipeline.error_catch"].kill_stop_process_by_pid = \
+            _kill_only_this_process
         return pipeline
 
 
@@ -166,13 +169,31 @@ def process_info_path() -> str:
     return os.path.join(CONF_HOME, "ProcessInfo.json")
 
 
+_forking: dict[str, Any] = {"main": False, "pid": 0}
+
+
+def _before_fork() -> None:
+    _forking.update(main=threading.current_thread() is threading.main_thread(), pid=os.getpid())
+
+
 def _child_signals() -> None:
     """In every child the server forks (Op processes, workers, gateway): the parent's SIGTERM
     handler would only set the parent's stop flag there, so restore the default; Ctrl-C reaches
-    the whole process group, and the parent stops its children itself."""
+    the whole process group, and the parent stops its children itself. Forked from the main
+    thread, a child also dies with the server, even one killed hard or that ``os._exit``-ed
+    (Paddle Serving does that on internal errors)."""
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _forking["main"]:  # PDEATHSIG follows the forking thread, so only the main one
+        _die_with_parent(_forking["pid"])
+
+
+def _kill_only_this_process(command: str, pid: int) -> None:
+    """Stands in for Paddle Serving's ``kill_stop_process_by_pid``, which on an init error kills
+    its whole process group: the shell or test runner that started the server with it."""
+    logging.getLogger(_PIPELINE_LOGGER).critical("Paddle Serving stops on an internal error (see its logs)")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 _fork_hook_installed = False
@@ -181,15 +202,23 @@ _fork_hook_installed = False
 def _install_fork_hook() -> None:
     global _fork_hook_installed
     if not _fork_hook_installed:
-        os.register_at_fork(after_in_child=_child_signals)
+        os.register_at_fork(before=_before_fork, after_in_child=_child_signals)
         _fork_hook_installed = True
+
+
+def _libc_prctl() -> Any:
+    with contextlib.suppress(Exception):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+_PRCTL = _libc_prctl()  # resolved now: no dlopen in a freshly forked child
 
 
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: the child gets SIGKILL when its parent dies, even if the parent is killed hard."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:
         os._exit(1)
 
