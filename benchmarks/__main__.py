@@ -26,28 +26,37 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(BENCH_DIR, exist_ok=True)
     results: dict = {}
     img = os.path.join(args.out, "img")
-    if "quality" in sections:
-        from . import quality
-
-        q = quality.run(quick=args.quick)
-        q["curve_plot"] = report.learning_curve_plot(q["runs"], os.path.join(img, "learning_curve.png"),
-                                                     machine())
-        results["quality"] = q
-    if "search" in sections:
-        from . import search
-
-        vectors = _trained_vectors()
-        results["search"] = search.run(quick=args.quick, item_vectors=vectors, out_img_dir=img)
-    if "serving" in sections:
-        from . import serving
-
-        results["serving"] = serving.run(quick=args.quick)
+    for name in sections:
+        try:  # a failing section is reported, the others still run
+            results[name] = _run_section(name, args.quick, img)
+        except Exception as exc:
+            logging.exception("section %s failed", name)
+            results[name] = {"notes": [f"section {name} could not be measured: {exc}"[:500]]}
     with open(os.path.join(BENCH_DIR, "last_results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     md = report.write(results, machine(), command.strip(), args.out)
     print(f"wrote {md} and {os.path.join(args.out, 'benchmarks.json')}")
     return 0
+
+
+def _run_section(name: str, quick: bool, img: str) -> dict:
+    if name == "quality":
+        from . import quality
+
+        q = quality.run(quick=quick)
+        q["curve_plot"] = report.learning_curve_plot(q["runs"], os.path.join(img, "learning_curve.png"),
+                                                     machine())
+        return q
+    if name == "search":
+        from . import search
+
+        return search.run(quick=quick, item_vectors=_trained_vectors(), out_img_dir=img)
+    if name == "serving":
+        from . import serving
+
+        return serving.run(quick=quick)
+    raise ValueError(f"unknown section {name!r}; expected {SECTIONS}")
 
 
 def _trained_vectors():

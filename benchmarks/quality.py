@@ -28,9 +28,16 @@ REFERENCE = {
 DATASETS = {"amazon_book_1m": "amazon-book-1m.csv.gz", "movielens_1m": "movielens-1m.csv.gz"}
 REFERENCE_BUDGET = ["runner.epochs=5", "runner.batches_per_epoch=1000", "runner.train_batch_size=128",
                     "hyper_parameters.optimizer.learning_rate=0.001", "hyper_parameters.neg_samples=1280"]
-# What issue "Beat the reference" settled on (see docs/benchmarks.md for the per-lever figures).
-TUNED = ["runner.epochs=20", "runner.batches_per_epoch=1000", "runner.train_batch_size=128",
-         "hyper_parameters.optimizer.learning_rate=0.001", "hyper_parameters.neg_samples=1280"]
+# Tuned within the reference's training wall time (amazon ~435 s, movielens ~305 s at its speed):
+# the speed-up buys more epochs; lazy Adam on sparse rows wants a higher learning rate. Chosen on the
+# validation split (see the closing note of issue 7); the test split is used only for these figures.
+TUNED = {
+    "amazon_book_1m": ["runner.epochs=20", "runner.batches_per_epoch=1000", "runner.train_batch_size=128",
+                       "hyper_parameters.optimizer.learning_rate=0.003",
+                       "hyper_parameters.neg_samples=1280"],
+    "movielens_1m": ["runner.epochs=16", "runner.batches_per_epoch=1000", "runner.train_batch_size=128",
+                     "hyper_parameters.optimizer.learning_rate=0.003", "hyper_parameters.neg_samples=1280"],
+}
 
 
 def prepared(name: str) -> str:
@@ -110,7 +117,7 @@ def run(quick: bool = False, datasets: tuple[str, ...] = tuple(DATASETS)) -> dic
         figures[f"ref_hitrate50_{name}"] = ref["hitrate50"]
         figures[f"popular_recall50_{name}"] = pop["Recall@50"]
         figures[f"popular_hitrate50_{name}"] = pop["HitRate@50"]
-        for label, budget in (("reference_budget", REFERENCE_BUDGET), ("tuned", TUNED)):
+        for label, budget in (("reference_budget", REFERENCE_BUDGET), ("tuned", TUNED[name])):
             r = train_and_evaluate(name, label, budget, quick)
             r["popular"] = pop
             results.append(r)

@@ -39,7 +39,7 @@ def learning_curve_plot(runs: list[dict], path: str, machine: dict) -> str | Non
     return path
 
 
-def quality_section(q: dict) -> list[str]:
+def quality_section(q: dict, out_dir: str = "docs") -> list[str]:
     from .quality import REFERENCE
 
     lines = ["## 1. Quality", "",
@@ -74,7 +74,7 @@ def quality_section(q: dict) -> list[str]:
     runs = "; ".join(f"`{r['dataset']}` {r['label']}: `{' '.join(r['budget'])}`" for r in q["runs"])
     lines += ["", "Runs: " + runs, ""]
     if q.get("curve_plot"):
-        lines += [f"![learning curves]({os.path.relpath(q['curve_plot'], 'docs')})", ""]
+        lines += [f"![learning curves]({os.path.relpath(q['curve_plot'], out_dir)})", ""]
     lines += ["## 2. Training", "",
               "| data | run | samples/s | ratio vs ref | epoch s | train wall s | peak RSS MB |",
               "|---|---|---|---|---|---|---|"]
@@ -115,10 +115,10 @@ def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> 
              f"Date: {machine['date']}", "",
              "Measured values only; a figure that could not be measured says why. Shared, noisy 2-core "
              "machines: compare ratios within one run rather than absolute numbers across runs.", ""]
-    if "quality" in results:
+    if "runs" in results.get("quality", {}):
         q = results["quality"]
         figures.update(q["figures"])
-        lines += quality_section(q)
+        lines += quality_section(q, out_dir)
     for key, title in (("search", "## 3. Vector search"), ("serving", "## 4. Serving"),
                        ("gpu", "## 5. GPU")):
         if key not in results:
