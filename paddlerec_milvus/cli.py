@@ -6,11 +6,15 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from .errors import PaddleRecMilvusError
 
 logger = logging.getLogger("paddlerec_milvus")
+# Import-time noise of dependencies, not actionable for a user of this CLI.
+warnings.filterwarnings("ignore", message="No ccache found")
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 
 def setup_logging(verbose: bool = False) -> None:
