@@ -20,11 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few-minute version (smaller budgets)")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--out", default="docs")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections of the last run (output/bench/last_results.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     os.makedirs(BENCH_DIR, exist_ok=True)
     results: dict = {}
+    last = os.path.join(BENCH_DIR, "last_results.json")
+    if args.merge and os.path.isfile(last):
+        with open(last) as f:
+            results = {k: v for k, v in json.load(f).items() if k not in sections}
     img = os.path.join(args.out, "img")
     for name in sections:
         try:  # a failing section is reported, the others still run
@@ -35,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(BENCH_DIR, "last_results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        command += " (other sections kept from the previous full run: python -m benchmarks)"
     md = report.write(results, machine(), command.strip(), args.out)
     print(f"wrote {md} and {os.path.join(args.out, 'benchmarks.json')}")
     return 0
@@ -53,9 +61,17 @@ def _run_section(name: str, quick: bool, img: str) -> dict:
 
         return search.run(quick=quick, item_vectors=_trained_vectors(), out_img_dir=img)
     if name == "serving":
-        from . import serving
+        # Its own process: Paddle Serving needs protobuf's pure-Python backend chosen before any
+        # other import of google.protobuf (paddle, pymilvus), which this process has already done.
+        import subprocess
+        import tempfile
 
-        return serving.run(quick=quick)
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+            code = ("import json, sys; from benchmarks import serving; "
+                    f"json.dump(serving.run(quick={quick!r}), open(sys.argv[1], 'w'), default=str)")
+            subprocess.run([sys.executable, "-c", code, out.name], check=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            return json.load(out)
     raise ValueError(f"unknown section {name!r}; expected {SECTIONS}")
 
 
