@@ -8,6 +8,8 @@ from typing import Any
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
