@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,15 +73,19 @@ def evaluate_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n:
     index.upsert(ids, vecs)
     model.eval()
     k = max(top_n, 20)
-    recalled, truths = [], []
+    truths: list[list[int]] = []
     batch_size = int(config.get("runner.infer_batch_size", 256) or 256)
-    for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
-                                             total=-(-len(reader) // batch_size),
-                                             desc="recall", unit=" batch", disable=None):
-        interests = user_interests(dm, model, hist, seq_len, config)
-        for r in recall_top_k(index, interests, k):
-            recalled.append(r.ids)
-        truths.extend(evals)
+    # Searches (and their merges) of earlier batches run in worker threads while this thread
+    # computes the next batch's interests: the index's own work overlaps with Paddle and Python.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="recall") as pool:
+        pending = []
+        for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
+                                                 total=-(-len(reader) // batch_size),
+                                                 desc="recall", unit=" batch", disable=None):
+            interests = user_interests(dm, model, hist, seq_len, config)
+            pending.append(pool.submit(recall_top_k, index, interests, k))
+            truths.extend(evals)
+        recalled = [r.ids for f in pending for r in f.result()]
     cutoffs = sorted({top_n, 20} if top_n >= 20 else {top_n})[::-1]
     return score_users(recalled, truths, cutoffs, paddlerec_metrics), len(truths)
 
