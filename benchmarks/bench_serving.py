@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "serving"))
 # First: Paddle Serving's RPC client needs protobuf's pure-Python backend in this process.
+from benchmarks.common import cpu_model, percentiles  # noqa: E402
 from paddlerec_milvus import paddle_serving_compat  # noqa: E402,F401
 
 CONCURRENCY = (1, 4, 16)
@@ -49,13 +50,6 @@ def histories_for(export_dir: str, n: int = 64, seed: int = 7) -> list[list[int]
         raw = [int(line.split("\t")[1]) for line in f]
     rng = np.random.default_rng(seed)
     return [rng.choice(raw, size=int(rng.integers(5, 21)), replace=False).tolist() for _ in range(n)]
-
-
-def percentiles(ms: Sequence[float]) -> tuple[float, float]:
-    import numpy as np
-
-    arr = np.asarray(ms, dtype=np.float64)
-    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
 def load(call: Callable[[list[int]], Any], hists: list[list[int]], concurrency: int, total: int,
@@ -216,13 +210,7 @@ def demo_export(work: str) -> tuple[str, str, str]:
 def machine() -> dict[str, str]:
     import platform
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cores": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version()}
+    return {"cores": str(os.cpu_count()), "cpu": cpu_model(), "python": platform.python_version()}
 
 
 def run(quick: bool = False, export_dir: str | None = None, milvus_uri: str = "", collection: str = "",

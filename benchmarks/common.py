@@ -19,15 +19,25 @@ SHARED_DATASETS = os.environ.get(
     "PADDLEREC_MILVUS_DATASETS", os.path.join(os.path.dirname(REPO), "shared", "datasets"))
 
 
-def machine() -> dict[str, str]:
-    """Cores, memory, CPU model, versions and date: printed beside every figure."""
-    cpu = platform.processor() or "unknown"
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpu = platform.processor() or platform.machine() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return cpu
+
+
+def memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def machine() -> dict[str, str]:
+    """Cores, memory, CPU model, versions and date: printed beside every figure."""
+    cpu = cpu_model()
+    mem_gb = memory_gb()
     versions = {}
     for name in ("paddle", "pymilvus", "milvus_lite", "numpy"):
         try:

@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.common import cpu_model, memory_gb
 from paddlerec_milvus.milvus_index import ItemIndex
 from paddlerec_milvus.milvus_server import MilvusServer
 from paddlerec_milvus.recall import ExactIndex, UserRecall, merge_interest_hits, recall_top_k
@@ -159,22 +159,7 @@ def lite_pids(db_path: str) -> list[int]:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        mem = f", {pages * size / 2**30:.0f} GiB RAM"
-    except (ValueError, OSError, AttributeError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {memory_gb():.0f} GiB RAM"
 
 
 def _version(pkg: str) -> str:
