@@ -166,7 +166,7 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 held = index.count()
                 if held != written:
                     raise MilvusIndexError(f"{physical} holds {held} of {written} items; alias not switched")
-                _point_alias(index, base)
+                index.point_alias(base)
         finally:
             index.close()
         manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
@@ -183,25 +183,3 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     logger.info("exported epoch %d as version %s to %s; %d items in %s (%s)", epoch, version,
                 output_dir, written, physical, "alias " + base if server else "Milvus Lite")
     return manifest
-
-
-def _point_alias(index: ItemIndex, alias: str, keep: int = 2) -> None:
-    """Point ``alias`` at ``index``'s collection. The previous version is kept (requests already
-    resolved to it finish); older versions of this alias are dropped."""
-    c = index._client
-    try:
-        old = c.describe_alias(alias).get("collection_name")
-    except Exception:  # no such alias yet
-        old = None
-    if old is None:
-        if c.has_collection(alias):
-            raise ConfigError(f"a collection named {alias!r} exists; the serving alias needs the "
-                              "name: drop it or choose another milvus.collection")
-        index._call("create_alias", lambda: c.create_alias(index.collection, alias))
-    else:
-        index._call("alter_alias", lambda: c.alter_alias(index.collection, alias))
-    versions = sorted(n for n in index._call("list_collections", c.list_collections)
-                      if n.startswith(f"{alias}_v"))
-    for name in versions[:-keep]:
-        if name != index.collection:
-            index._call("drop old version", lambda name=name: c.drop_collection(name))

@@ -14,6 +14,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 import numpy as np
@@ -95,7 +96,8 @@ class ItemIndex:
         index_type: str = "FLAT",
         index_params: Mapping[str, Any] | None = None,
         search_params: Mapping[str, Any] | None = None,
-        batch_size: int = 5000,
+        batch_size: int = 1000,
+        upsert_workers: int = 2,
         scalar_fields: Sequence[str] = (),
         timeout: float = 10.0,
         retries: int = 3,
@@ -115,6 +117,10 @@ class ItemIndex:
         self.index_params = dict(index_params or {})
         self.search_params = dict(search_params or {})
         self.batch_size = int(batch_size)
+        if self.batch_size < 1 or int(upsert_workers) < 1:
+            raise MilvusIndexError(f"milvus.batch_size ({batch_size}) and milvus.upsert_workers "
+                                   f"({upsert_workers}) must be positive")
+        self.upsert_workers = int(upsert_workers)
         self.scalar_fields = list(scalar_fields)
         self.timeout, self.retries = timeout, retries
         self.create = create
@@ -124,6 +130,7 @@ class ItemIndex:
             raise MilvusIndexError(f"milvus.consistency_level {consistency_level!r}: expected Strong, "
                                    "Session, Bounded or Eventually")
         self.consistency_level = consistency_level
+        self._raw_search_ok = True
         self._client = self._connect(token)
         self._ensure_collection()
 
@@ -141,7 +148,8 @@ class ItemIndex:
             index_params=section(config, "milvus.index_params"),
             search_params=section(config, "milvus.search_params"),
             consistency_level=str(config.get("milvus.consistency_level") or "Session"),
-            batch_size=int(config.get("milvus.batch_size") or 5000),
+            batch_size=int(config.get("milvus.batch_size") or 1000),
+            upsert_workers=int(config.get("milvus.upsert_workers") or 2),
             scalar_fields=config.get("milvus.scalar_fields") or (),
             **kwargs,
         )
@@ -170,7 +178,7 @@ class ItemIndex:
         for attempt in range(self.retries + 1):
             try:
                 return fn()
-            except MilvusIndexError:
+            except (MilvusIndexError, _RawSearchUnavailable):
                 raise
             except Exception as exc:
                 transient = any(w in str(exc).lower() for w in _TRANSIENT)
@@ -261,20 +269,35 @@ class ItemIndex:
             raise MilvusIndexError(
                 f"unknown scalar fields {sorted(unknown)} (declared: {self.scalar_fields})")
         vectors = vectors.astype(np.float32, copy=False)
+
+        def send(start: int) -> int:
+            end = start + self.batch_size
+            rows = [{"item_id": int(i), "embedding": v}
+                    for i, v in zip(ids[start:end], vectors[start:end].tolist())]
+            for name, values in fields.items():
+                for r, value in zip(rows, values[start:end]):
+                    r[name] = int(value)
+            self._call("upsert", lambda: self._client.upsert(self.collection, rows))
+            return len(rows)
+
         written = 0
         bar = tqdm(total=len(ids), desc=f"upsert {self.collection}", unit=" items",
                    disable=None if progress else True, mininterval=1.0)
-        for s in range(0, len(ids), self.batch_size):
-            rows = [{"item_id": int(i), "embedding": v}
-                    for i, v in zip(ids[s:s + self.batch_size],
-                                    vectors[s:s + self.batch_size].tolist())]
-            for name, values in fields.items():
-                for r, value in zip(rows, values[s:s + self.batch_size]):
-                    r[name] = int(value)
-            self._call("upsert", lambda rows=rows: self._client.upsert(self.collection, rows))
-            written += len(rows)
-            bar.update(len(rows))
-        bar.close()
+        # Two requests in flight: one batch is converted to rows here while Milvus writes the
+        # other (38.5k x 64 on Lite: 1.4 s -> 0.85 s). Batches of 1000 beat 5000 on Lite too.
+        with ThreadPoolExecutor(max_workers=self.upsert_workers, thread_name_prefix="upsert") as pool:
+            futures = [pool.submit(send, s) for s in range(0, len(ids), self.batch_size)]
+            try:
+                for fut in as_completed(futures):
+                    n = fut.result()
+                    written += n
+                    bar.update(n)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            finally:
+                bar.close()
         return written
 
     def count(self) -> int:
@@ -290,6 +313,67 @@ class ItemIndex:
     def drop(self) -> None:
         """Delete the collection and its data."""
         self._call("drop_collection", lambda: self._client.drop_collection(self.collection))
+
+    def prepare_bulk_search(self, queries: int, rows: int, timeout: float = 120.0) -> None:
+        """Before many searches on a server: flush and wait until the query nodes serve every row
+        from sealed, indexed segments. A server searches rows still in growing segments by a slow
+        scan (Milvus 2.3.5, 38.5k rows: 24 s for 8,192 queries, against 2.2 s once sealed); the
+        hand-off takes ~12 s, so it pays only for big batches. Milvus Lite needs nothing."""
+        if is_local_uri(self.uri) or queries * rows < 1e8:
+            return
+        c, name = self._client, self.collection
+        t0 = time.perf_counter()
+        self._call("flush", lambda: c.flush(name))
+        try:
+            handler = c._get_connection()
+            while time.perf_counter() - t0 < timeout:
+                segments = self._call("segment info", lambda: handler.get_query_segment_info(name))
+                sealed = sum(s.num_rows for s in segments if s.state in (3, 4))  # Sealed, Flushed
+                if sealed >= rows and all(s.state in (3, 4) for s in segments):
+                    logger.info("%s: %d rows sealed and served after %.1f s", name, sealed,
+                                time.perf_counter() - t0)
+                    return
+                time.sleep(0.5)
+        except AttributeError:  # another pymilvus: search without waiting
+            return
+        logger.warning("%s: rows not all sealed after %.0f s; searching anyway (slower)", name, timeout)
+
+    def reset(self) -> None:
+        """Drop the collection and create it again, empty, with the same settings. Cheaper than
+        overwriting every row when all of them change (a new checkpoint): Milvus keeps scanning
+        replaced rows until it compacts (Lite: searches ~20% slower after one full overwrite)."""
+        self.drop()
+        create, self.create = self.create, True
+        try:
+            self._ensure_collection()
+        finally:
+            self.create = create
+
+    def clear(self) -> None:
+        """Delete every item and keep the collection, and any alias that points at it."""
+        self._call("delete", lambda: self._client.delete(self.collection, filter="item_id >= 0"))
+
+    def point_alias(self, alias: str, keep: int = 2) -> None:
+        """Point ``alias`` at this collection (create it or move it). Of the collections named
+        ``{alias}_v*`` the newest ``keep`` stay (requests already resolved to the previous version
+        finish); older ones are dropped."""
+        c = self._client
+        try:
+            old = c.describe_alias(alias).get("collection_name")
+        except Exception:  # no such alias yet
+            old = None
+        if old is None:
+            if self._call("has_collection", lambda: c.has_collection(alias)):
+                raise MilvusIndexError(f"a collection named {alias!r} exists; the alias needs the name: "
+                                       "drop it or choose another milvus.collection")
+            self._call("create_alias", lambda: c.create_alias(self.collection, alias))
+        else:
+            self._call("alter_alias", lambda: c.alter_alias(self.collection, alias))
+        versions = sorted(n for n in self._call("list_collections", c.list_collections)
+                          if n.startswith(f"{alias}_v"))
+        for name in versions[:-keep]:
+            if name != self.collection:
+                self._call("drop old version", lambda name=name: c.drop_collection(name))
 
     def close(self) -> None:
         try:
@@ -318,15 +402,24 @@ class ItemIndex:
         scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
         params = {"metric_type": self.metric, "params": dict(self.search_params)}
         step = max(1, min(MAX_TOP_K, 65536 // limit, 2048))
+        # without a timeout pymilvus retries an unreachable server for minutes; it bounds its
+        # retries by time only when the timeout is an int
+        timeout = max(1, round(self.timeout))
         for s in range(0, len(q), step):
             chunk = q[s:s + step].tolist()
+            if self._raw_search_ok:
+                try:
+                    out_ids, out_scores = ids[s:s + step], scores[s:s + step]
+                    self._call("search", lambda chunk=chunk, i=out_ids, d=out_scores: self._search_raw(
+                        chunk, limit, filter, params, timeout, i, d))
+                    continue
+                except _RawSearchUnavailable as exc:
+                    logger.info("pymilvus internals changed (%s); using MilvusClient.search", exc)
+                    self._raw_search_ok = False
             res = self._call("search", lambda chunk=chunk: self._client.search(
                 self.collection, data=chunk, limit=limit, filter=filter or "",
                 search_params=params, anns_field="embedding",
-                consistency_level=self.consistency_level,
-                # without a timeout pymilvus retries an unreachable server for minutes; it bounds
-                # its retries by time only when the timeout is an int
-                timeout=max(1, round(self.timeout))))
+                consistency_level=self.consistency_level, timeout=timeout))
             for r, hits in enumerate(res):
                 row = [(h["id"], h["distance"]) for h in hits]
                 if row:
@@ -335,11 +428,51 @@ class ItemIndex:
                     scores[s + r, :len(row)] = hsc
         return ids, scores
 
+    def _search_raw(self, chunk: list[list[float]], limit: int, filter: str | None,
+                    params: dict[str, Any], timeout: int, ids_out: np.ndarray,
+                    scores_out: np.ndarray) -> None:
+        """The same request ``MilvusClient.search`` sends, but the reply's id and score arrays
+        are read straight into numpy: pymilvus builds a Python object per hit, which cost more
+        than the search itself (1.5 s of 2.2 s for 4096 queries x top 50 on Milvus Lite)."""
+        try:
+            from pymilvus.client.prepare import Prepare
+            from pymilvus.client.utils import check_status
+
+            handler = self._client._get_connection()
+            stub = handler._stub
+        except (ImportError, AttributeError) as exc:
+            raise _RawSearchUnavailable(str(exc)) from None
+        request = Prepare.search_requests_with_expr(
+            self.collection, chunk, "embedding", params, limit, filter or "", None, [], -1,
+            consistency_level=self.consistency_level)
+        reply = stub.Search(request, timeout=timeout)
+        check_status(reply.status)
+        data = reply.results
+        topks = np.asarray(data.topks, dtype=np.int64)
+        if len(topks) != len(chunk):
+            raise _RawSearchUnavailable(f"reply holds {len(topks)} result lists for {len(chunk)} queries")
+        hit_ids = np.asarray(data.ids.int_id.data, dtype=np.int64)
+        hit_scores = np.asarray(data.scores, dtype=np.float32)
+        if len(hit_ids) != topks.sum() or len(hit_scores) != len(hit_ids):
+            raise _RawSearchUnavailable("reply's id/score arrays do not match its topks")
+        if np.all(topks == limit):
+            ids_out[:] = hit_ids.reshape(len(chunk), limit)
+            scores_out[:] = hit_scores.reshape(len(chunk), limit)
+            return
+        starts = np.concatenate([[0], np.cumsum(topks)[:-1]])
+        for r, (start, n) in enumerate(zip(starts, topks)):
+            ids_out[r, :n] = hit_ids[start:start + n]
+            scores_out[r, :n] = hit_scores[start:start + n]
+
     def search(self, interests: np.ndarray, top_k: int,
                histories: Sequence[Collection[int]] | None = None,
                exclude_history: bool = False, filter: str | None = None) -> list[UserRecall]:
         """K interest vectors per user -> one merged top-k list per user."""
         return recall_top_k(self, interests, top_k, histories, exclude_history, filter)
+
+
+class _RawSearchUnavailable(Exception):
+    """The pymilvus internals the fast search path reads are not there (another version)."""
 
 
 def _short(exc: BaseException) -> str:

@@ -91,6 +91,11 @@ class ExactIndex:
     def drop(self) -> None:
         self.__init__(self.dim)
 
+    reset = drop
+
+    def prepare_bulk_search(self, queries: int, rows: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

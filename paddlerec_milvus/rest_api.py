@@ -222,7 +222,7 @@ def _clear(index: Any) -> None:
     except MilvusIndexError as exc:
         if "alias" not in str(exc):
             raise
-        index._call("delete", lambda: index._client.delete(index.collection, filter="item_id >= 0"))
+        index.clear()
         logger.info("deleted every item of %s (an alias; the collection behind it stays)",
                     index.collection)
 

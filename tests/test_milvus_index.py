@@ -111,3 +111,57 @@ def test_top_k_limits(tmp_path):
         idx.search_vectors(np.zeros((1, DIM)), 0)
     with pytest.raises(MilvusIndexError, match="top_k 20000 out of range"):
         idx.search_vectors(np.zeros((1, DIM)), 20000)
+
+
+def test_fast_search_path_equals_milvus_client_search(milvus_uri, data):
+    """The numpy reply reader returns what MilvusClient.search returns, padding included."""
+    ids, vecs, rng = data
+    idx = _index(milvus_uri, "fastpath")
+    idx.upsert(ids, vecs, progress=False)
+    queries = rng.normal(size=(40, DIM)).astype(np.float32)
+    for limit, filt in ((30, None), (30, "item_id < 11")):  # the filter leaves 10 rows: padding
+        fast = idx.search_vectors(queries, limit, filter=filt)
+        assert idx._raw_search_ok
+        idx._raw_search_ok = False
+        slow = idx.search_vectors(queries, limit, filter=filt)
+        idx._raw_search_ok = True
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])
+    assert (fast[0][:, 10:] == -1).all() and (fast[0][:, :10] > 0).all()
+    idx.drop()
+
+
+def test_reset_and_clear(milvus_uri, data):
+    ids, vecs, _ = data
+    idx = _index(milvus_uri, "resets", upsert_workers=3)
+    assert idx.upsert(ids, vecs, progress=False) == len(ids)  # 3 batches in flight
+    assert idx.count() == len(ids)
+    idx.reset()
+    assert idx.count() == 0
+    idx.upsert(ids[:50], vecs[:50], progress=False)
+    assert idx.search(vecs[7][None, None, :], 1)[0].ids == [int(np.argmax(vecs[:50] @ vecs[7])) + 1]
+    idx.clear()
+    assert idx.count() == 0
+    idx.drop()
+
+
+def test_a_failed_batch_fails_the_upsert(tmp_path, data, monkeypatch):
+    ids, vecs, _ = data
+    idx = _index(str(tmp_path / "fail.db"), "failing", upsert_workers=2)
+    real, calls = idx._client.upsert, []
+
+    def flaky(collection, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(collection, rows)
+
+    monkeypatch.setattr(idx._client, "upsert", flaky)
+    with pytest.raises(MilvusIndexError, match="Milvus upsert failed: disk full"):
+        idx.upsert(ids, vecs, progress=False)
+    idx.close()
+
+
+def test_bad_batch_settings(tmp_path):
+    with pytest.raises(MilvusIndexError, match="must be positive"):
+        ItemIndex(str(tmp_path / "b.db"), "b", DIM, batch_size=0)
