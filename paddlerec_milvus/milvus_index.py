@@ -211,8 +211,10 @@ class ItemIndex:
         index_params.add_index(field_name="embedding", index_type=self.index_type,
                                metric_type=self.metric, params=dict(self.index_params))
         self._call("create_collection", lambda: c.create_collection(
-            name, schema=schema, index_params=index_params,
-            consistency_level=self.consistency_level))
+            name, schema=schema, consistency_level=self.consistency_level))
+        # sync=False: pymilvus would poll an empty collection's index state and sleep 0.5 s;
+        # the index exists once the call returns, which is all loading needs
+        self._call("create_index", lambda: c.create_index(name, index_params, sync=False))
         self._call("load_collection", lambda: c.load_collection(name))
         logger.info("created collection %s (dim %d, %s/%s) at %s", name, self.dim,
                     self.index_type, self.metric, self.uri)
