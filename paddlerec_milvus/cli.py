@@ -77,15 +77,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(_load(args))
     for e in summary.epochs:
+        valid = f", valid {summary.valid_metric} {e.valid:.5f}" if e.valid is not None else ""
         print(f"epoch {e.epoch}: loss {e.mean_loss:.4f}, {e.samples_per_s:.0f} samples/s, "
-              f"{e.seconds:.1f} s -> {e.checkpoint}")
+              f"{e.seconds:.1f} s -> {e.checkpoint}{valid}")
+    if summary.best_epoch is not None:
+        print(f"best epoch by valid {summary.valid_metric}: {summary.best_epoch}"
+              + (" (stopped early)" if summary.stopped_early else ""))
     return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_epochs
 
-    results = evaluate_epochs(_load(args), top_n=args.top_n, paddlerec_metrics=args.paddlerec_metrics,
+    config = _load(args)
+    if args.best:
+        from .errors import ConfigError
+        from .validation import best_epoch
+
+        load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
+        epoch = best_epoch(load_path)
+        if epoch is None:
+            raise ConfigError(f"--best: no {load_path}/best.json; train with runner.valid_data_dir set")
+        config["runner.infer_start_epoch"], config["runner.infer_end_epoch"] = epoch, epoch + 1
+    results = evaluate_epochs(config, top_n=args.top_n, paddlerec_metrics=args.paddlerec_metrics,
                               exact=args.exact)
     for r in results:
         print(r.format_line())
@@ -143,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the user tower + item vectors for serving")
     _add_config_args(p)
-    p.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: latest)")
+    p.add_argument("--epoch", type=int, default=None,
+                   help="checkpoint epoch (default: the best by validation if recorded, else the latest)")
     p.add_argument("--output", required=True, help="folder for the inference model and manifest")
     p.add_argument("--collection", default=None,
                    help="serving collection/alias "
@@ -170,6 +185,9 @@ def _add_infer_args(p: argparse.ArgumentParser) -> None:
                    help="also report PaddleRec's NDCG variant (IDCG over the hits only)")
     p.add_argument("--exact", action="store_true",
                    help="search with exact numpy top-k instead of Milvus (for comparisons)")
+    p.add_argument("--best", action="store_true",
+                   help="evaluate the best epoch by validation (best.json) instead of "
+                   "runner.infer_start_epoch..infer_end_epoch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,7 +68,8 @@ def score_users(recalled: list[list[int]], truths: list[list[int]], cutoffs: lis
 
 
 def evaluate_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: int,
-                        paddlerec_metrics: bool = False) -> tuple[dict[str, float], int]:
+                        paddlerec_metrics: bool = False,
+                        progress: bool = True) -> tuple[dict[str, float], int]:
     """Recall every test user through ``index`` and score them; returns (metrics, users)."""
     t0 = time.perf_counter()
     ids, vecs = item_vectors(model)
@@ -93,7 +94,8 @@ def evaluate_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n:
         pending = []
         for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
                                                  total=-(-len(reader) // batch_size),
-                                                 desc="recall", unit=" batch", disable=None):
+                                                 desc="recall", unit=" batch",
+                                                 disable=None if progress else True):
             interests = user_interests(dm, model, hist, seq_len, config)
             pending.append(pool.submit(recall_top_k, index, interests, k))
             truths.extend(evals)
@@ -101,8 +103,9 @@ def evaluate_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n:
     t2 = time.perf_counter()
     cutoffs = sorted({top_n, 20} if top_n >= 20 else {top_n})[::-1]
     scores = score_users(recalled, truths, cutoffs, paddlerec_metrics)
-    logger.info("%d items indexed in %.2f s; %d users recalled in %.2f s; scored in %.2f s",
-                len(ids), t1 - t0, len(truths), t2 - t1, time.perf_counter() - t2)
+    logger.log(logging.INFO if progress else logging.DEBUG,
+               "%d items indexed in %.2f s; %d users recalled in %.2f s; scored in %.2f s",
+               len(ids), t1 - t0, len(truths), t2 - t1, time.perf_counter() - t2)
     return scores, len(truths)
 
 

@@ -26,6 +26,7 @@ from .config import resolve_path
 from .errors import ConfigError, DataError, MilvusIndexError
 from .milvus_index import ItemIndex, is_local_uri
 from .model_dir import load_dygraph_model
+from .validation import best_epoch
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "user_tower"
@@ -120,7 +121,11 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     paddle.set_device("cpu")
     load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
     if epoch is None:
-        epoch = latest_epoch(load_path)
+        epoch = best_epoch(load_path)
+        if epoch is not None and not os.path.isdir(os.path.join(load_path, str(epoch))):
+            epoch = None  # best.json of an older run whose checkpoints are gone
+        if epoch is None:
+            epoch = latest_epoch(load_path)
         if epoch is None:
             raise ConfigError(f"no checkpoint under {load_path}; train first")
     folder = checkpoint_dir(load_path, epoch)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model_dir import create_reader, load_dygraph_model
+from .validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,15 @@ class EpochSummary:
     seconds: float
     samples_per_s: float
     checkpoint: str
+    valid: float | None = None
 
 
 @dataclass
 class TrainSummary:
     epochs: list[EpochSummary] = field(default_factory=list)
+    valid_metric: str | None = None
+    best_epoch: int | None = None
+    stopped_early: bool = False
 
     @property
     def samples_per_s(self) -> float:
@@ -164,8 +169,9 @@ def train(config: dict[str, Any]) -> TrainSummary:
         start_epoch = _resume_epoch(init_path)
         logger.info("resumed from %s; starting at epoch %d", init_path, start_epoch)
 
+    validator = Validator(config) if Validator.enabled(config) and rank == 0 else None
     step_model = paddle.DataParallel(model) if world > 1 else model
-    summary = TrainSummary()
+    summary = TrainSummary(valid_metric=validator.metric if validator else None)
     logger.info("training on %s (rank %d of %d): epochs %d..%d, batch %d, %d training users",
                 device, rank, world, start_epoch, epochs - 1, batch_size,
                 getattr(reader, "num_users", -1))
@@ -211,4 +217,24 @@ def train(config: dict[str, Any]) -> TrainSummary:
         summary.epochs.append(es)
         logger.info("epoch %d done: loss %.4f, %d samples in %.1f s (%.0f samples/s), saved %s",
                     epoch, es.mean_loss, samples, seconds, es.samples_per_s, ckpt)
+        stop = False
+        if validator is not None:
+            es.valid = validator.score(dm, model)
+            stop = validator.update(epoch, es.valid)
+            validator.save(save_path)
+            summary.best_epoch = validator.best.epoch
+        if _agree_to_stop(stop, world):
+            summary.stopped_early = True
+            break
     return summary
+
+
+def _agree_to_stop(stop: bool, world: int) -> bool:
+    """Rank 0 validates; every rank must leave the loop at the same epoch."""
+    if world <= 1:
+        return stop
+    import paddle.distributed as dist
+
+    flag = paddle.to_tensor([1 if stop else 0], dtype="int32")
+    dist.broadcast(flag, src=0)
+    return bool(int(flag.numpy()[0]))

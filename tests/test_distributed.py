@@ -29,8 +29,9 @@ def test_two_process_training_matches_single_process(demo_model_dir, tmp_path):
     # each rank read its own shard of the users
     shards = [line for line in logs.splitlines() if "train reader:" in line]
     assert len(shards) == 2
-    # checkpoints written once, by rank 0, in the usual layout
-    assert sorted(os.listdir(dist_out)) == ["0", "1"]
+    # checkpoints written once, by rank 0, in the usual layout; rank 0 alone validates
+    assert sorted(os.listdir(dist_out)) == ["0", "1", "best.json"]
+    assert sum("validation: epoch" in line for line in logs.splitlines()) == 2
     assert os.path.isfile(dist_out / "1" / "rec.pdparams")
 
     single_out = tmp_path / "single"

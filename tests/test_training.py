@@ -31,7 +31,8 @@ def planted(tmp_path_factory):
 def _config(base, data, stats, extra=()):
     return load_config(CONFIG, [
         f"runner.train_data_dir={data}/train", f"runner.test_data_dir={data}/test",
-        f"runner.model_save_path={base}/ckpt", f"runner.infer_load_path={base}/ckpt",
+        f"runner.valid_data_dir={data}/valid", f"runner.model_save_path={base}/ckpt",
+        f"runner.infer_load_path={base}/ckpt",
         f"hyper_parameters.item_count={stats.item_count}", "hyper_parameters.neg_samples=64",
         "runner.batches_per_epoch=120", "runner.epochs=3", "runner.train_batch_size=64",
         "runner.infer_start_epoch=2", "runner.infer_end_epoch=3", f"milvus.uri={base}/m.db",

@@ -1,0 +1,105 @@
+"""Validation after every epoch: the best epoch is recorded, and training stops early when
+the validation metric has not improved for ``runner.early_stop_patience`` epochs.
+
+The test split is never looked at while training; ``infer.py --best`` and ``export`` (without
+``--epoch``) use the epoch recorded in ``{model_save_path}/best.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .model_dir import create_reader, data_files
+
+logger = logging.getLogger(__name__)
+BEST_FILE = "best.json"
+_METRIC = re.compile(r"^(Recall|NDCG|HitRate)@([1-9][0-9]*)$")
+
+
+@dataclass
+class BestEpoch:
+    metric: str
+    epoch: int = -1
+    value: float = float("-inf")
+    history: dict[int, float] = field(default_factory=dict)
+
+
+class Validator:
+    """Scores a model on the validation users with exact search (no Milvus needed)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.metric = str(config.get("runner.valid_metric") or "Recall@50")
+        m = _METRIC.match(self.metric)
+        if not m:
+            raise ConfigError(f"runner.valid_metric {self.metric!r}: expected Recall@N, NDCG@N or "
+                              "HitRate@N")
+        self.top_n = int(m.group(2))
+        self.patience = int(config.get("runner.early_stop_patience") or 0)
+        if self.patience < 0:
+            raise ConfigError(f"runner.early_stop_patience must be >= 0, got {self.patience}")
+        files = data_files(config, "runner.valid_data_dir")
+        self.reader = create_reader(config, "valid", files=files)
+        limit = int(config.get("runner.valid_max_users") or 0)
+        if limit > 0 and hasattr(self.reader, "keep_first"):
+            self.reader.keep_first(limit)
+        self.best = BestEpoch(self.metric)
+        self.stale = 0
+
+    @staticmethod
+    def enabled(config: dict[str, Any]) -> bool:
+        return bool(config.get("runner.valid_data_dir"))
+
+    def score(self, dm, model) -> float:
+        from .evaluate import evaluate_checkpoint
+        from .recall import ExactIndex
+
+        dim = int(self.config.get("hyper_parameters.embedding_dim", 64))
+        metrics, _ = evaluate_checkpoint(self.config, dm, model, self.reader, ExactIndex(dim),
+                                         self.top_n, progress=False)
+        return metrics[self.metric]
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record ``epoch``'s score; True when training should stop."""
+        self.best.history[epoch] = value
+        if value > self.best.value:
+            self.best.epoch, self.best.value, self.stale = epoch, value, 0
+        else:
+            self.stale += 1
+        logger.info("epoch %d: valid %s %.5f (best %.5f at epoch %d)", epoch, self.metric, value,
+                    self.best.value, self.best.epoch)
+        if self.patience and self.stale >= self.patience:
+            logger.info("early stop: no better valid %s for %d epochs; best epoch %d",
+                        self.metric, self.stale, self.best.epoch)
+            return True
+        return False
+
+    def save(self, save_path: str) -> str:
+        """Write ``best.json`` atomically next to the epoch folders."""
+        os.makedirs(save_path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".best.", dir=save_path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(asdict(self.best), f, indent=2)
+        path = os.path.join(save_path, BEST_FILE)
+        os.replace(tmp, path)
+        return path
+
+
+def best_epoch(save_path: str) -> int | None:
+    """The epoch recorded by validation under ``save_path``, or None."""
+    path = os.path.join(save_path, BEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            epoch = int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
+    return epoch if epoch >= 0 else None
