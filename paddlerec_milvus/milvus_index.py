@@ -451,6 +451,8 @@ class ItemIndex:
         check_status(reply.status)
         data = reply.results
         topks = np.asarray(data.topks, dtype=np.int64)
+        if len(topks) == 0 and len(data.ids.int_id.data) == 0:
+            return  # nothing found for any query (an empty collection): the padding stays
         if len(topks) != len(chunk):
             raise _RawSearchUnavailable(f"reply holds {len(topks)} result lists for {len(chunk)} queries")
         hit_ids = np.asarray(data.ids.int_id.data, dtype=np.int64)

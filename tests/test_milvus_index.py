@@ -138,6 +138,8 @@ def test_reset_and_clear(milvus_uri, data):
     assert idx.count() == len(ids)
     idx.reset()
     assert idx.count() == 0
+    empty_ids, empty_scores = idx.search_vectors(vecs[:3], 5)
+    assert (empty_ids == -1).all() and np.isneginf(empty_scores).all() and idx._raw_search_ok
     idx.upsert(ids[:50], vecs[:50], progress=False)
     assert idx.search(vecs[7][None, None, :], 1)[0].ids == [int(np.argmax(vecs[:50] @ vecs[7])) + 1]
     idx.clear()
