@@ -73,9 +73,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .cpu_threads import configure_cpu_threads
+
+    config = _load(args)
+    configure_cpu_threads(config)
     from .runner import train
 
-    summary = train(_load(args))
+    summary = train(config)
     for e in summary.epochs:
         valid = f", valid {summary.valid_metric} {e.valid:.5f}" if e.valid is not None else ""
         print(f"epoch {e.epoch}: loss {e.mean_loss:.4f}, {e.samples_per_s:.0f} samples/s, "
@@ -90,6 +94,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_epochs
 
     config = _load(args)
+    from .cpu_threads import configure_cpu_threads
+
+    configure_cpu_threads(config)
     if args.best:
         from .errors import ConfigError
         from .validation import best_epoch
