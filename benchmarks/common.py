@@ -84,5 +84,30 @@ def run_measured(cmd: list[str], cwd: str | None = None, timeout: float = 3600) 
     return proc.stdout, wall, peak_kb / 1024.0
 
 
+def process_children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process visible in /proc."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    tree, out, todo = process_children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def python() -> str:
     return sys.executable

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import cpu_model, memory_gb
+from benchmarks.common import cpu_model, descendants, memory_gb, process_children
 from paddlerec_milvus.milvus_index import ItemIndex
 from paddlerec_milvus.milvus_server import MilvusServer
 from paddlerec_milvus.recall import ExactIndex, UserRecall, merge_interest_hits, recall_top_k
@@ -101,20 +101,6 @@ def recall_vs_exact(ann: Sequence[UserRecall], exact: Sequence[UserRecall], item
     return hits / total if total else float("nan")
 
 
-def _proc_children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    return children
-
-
 def _rss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -130,25 +116,17 @@ def tree_rss_mb(roots: Sequence[int]) -> float | None:
     """Resident memory (MB) of the given processes and all their descendants, from /proc."""
     if not roots or not os.path.isdir("/proc"):
         return None
-    children = _proc_children()
-    seen: set[int] = set()
-    stack = list(roots)
-    total = 0
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += _rss_kb(pid)
-        stack.extend(children.get(pid, ()))
-    return total / 1024
+    pids = set(roots)
+    for root in roots:
+        pids.update(descendants(root))
+    return sum(_rss_kb(pid) for pid in pids) / 1024
 
 
 def lite_pids(db_path: str) -> list[int]:
     """The milvus-lite server processes this process started for ``db_path``."""
     me, path = os.getpid(), os.path.abspath(db_path)
     out = []
-    for pid in _proc_children().get(me, ()):
+    for pid in process_children().get(me, ()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if path.encode() in f.read():
