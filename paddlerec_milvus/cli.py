@@ -97,17 +97,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from .cpu_threads import configure_cpu_threads
 
     configure_cpu_threads(config)
-    if args.best:
-        from .errors import ConfigError
-        from .validation import best_epoch
-
-        load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
-        epoch = best_epoch(load_path)
-        if epoch is None:
-            raise ConfigError(f"--best: no {load_path}/best.json; train with runner.valid_data_dir set")
-        config["runner.infer_start_epoch"], config["runner.infer_end_epoch"] = epoch, epoch + 1
     results = evaluate_epochs(config, top_n=args.top_n, paddlerec_metrics=args.paddlerec_metrics,
-                              exact=args.exact)
+                              exact=args.exact, best=args.best)
     for r in results:
         print(r.format_line())
     return 0

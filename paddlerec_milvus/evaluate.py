@@ -16,12 +16,13 @@ import paddle
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_dir, load_checkpoint
-from .errors import MilvusIndexError
+from .errors import ConfigError, MilvusIndexError
 from .metrics import hitrate_at_n, ndcg_at_n, paddlerec_ndcg_at_n, recall_at_n
 from .milvus_index import ItemIndex
 from .model_dir import create_reader, data_files, load_dygraph_model
 from .recall import ExactIndex, recall_top_k
 from .runner import set_device
+from .validation import best_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +135,23 @@ def evaluate_popularity(config: dict[str, Any], top_n: int = 50) -> dict[str, fl
 
 
 def evaluate_epochs(config: dict[str, Any], top_n: int = 50, paddlerec_metrics: bool = False,
-                    exact: bool = False) -> list[EvalResult]:
-    """Evaluate epochs ``infer_start_epoch`` .. ``infer_end_epoch - 1``; write JSON per epoch."""
+                    exact: bool = False, best: bool = False) -> list[EvalResult]:
+    """Evaluate epochs ``infer_start_epoch`` .. ``infer_end_epoch - 1`` (``best``: only the epoch
+    chosen on validation, from ``best.json``); write JSON per epoch."""
+    load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
+    if best:
+        start = best_epoch(load_path)
+        if start is None:
+            raise ConfigError(f"--best: no {load_path}/best.json; train with runner.valid_data_dir set")
+        end = start + 1
+    else:
+        start = int(config.get("runner.infer_start_epoch", 0))
+        end = int(config.get("runner.infer_end_epoch", start + 1))
     set_device(config)
     paddle.seed(int(config.get("runner.seed", 12345)))
     dm = load_dygraph_model(config)
     model = dm.create_model(config)
     reader = create_reader(config, "test")
-    load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
-    start = int(config.get("runner.infer_start_epoch", 0))
-    end = int(config.get("runner.infer_end_epoch", start + 1))
     dim = int(config.get("hyper_parameters.embedding_dim", 64))
     index = ExactIndex(dim) if exact else ItemIndex.from_config(config, dim)
     engine = "exact numpy" if exact else f"Milvus {index.uri} {index.index_type}"
