@@ -170,6 +170,8 @@ def train(config: dict[str, Any]) -> TrainSummary:
         logger.info("resumed from %s; starting at epoch %d", init_path, start_epoch)
 
     validator = Validator(config) if Validator.enabled(config) and rank == 0 else None
+    if validator is not None:
+        validator.resume(save_path, start_epoch)
     step_model = paddle.DataParallel(model) if world > 1 else model
     summary = TrainSummary(valid_metric=validator.metric if validator else None)
     logger.info("training on %s (rank %d of %d): epochs %d..%d, batch %d, %d training users",

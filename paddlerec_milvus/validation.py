@@ -68,11 +68,7 @@ class Validator:
 
     def update(self, epoch: int, value: float) -> bool:
         """Record ``epoch``'s score; True when training should stop."""
-        self.best.history[epoch] = value
-        if value > self.best.value:
-            self.best.epoch, self.best.value, self.stale = epoch, value, 0
-        else:
-            self.stale += 1
+        self._record(epoch, value)
         logger.info("epoch %d: valid %s %.5f (best %.5f at epoch %d)", epoch, self.metric, value,
                     self.best.value, self.best.epoch)
         if self.patience and self.stale >= self.patience:
@@ -80,6 +76,33 @@ class Validator:
                         self.metric, self.stale, self.best.epoch)
             return True
         return False
+
+    def resume(self, save_path: str, start_epoch: int) -> None:
+        """Continue the record of an interrupted run: keep the scores of epochs before
+        ``start_epoch`` from its ``best.json`` (same metric), so the best epoch and the patience
+        count are those of an uninterrupted run."""
+        path = os.path.join(save_path, BEST_FILE)
+        if start_epoch <= 0 or not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            history = {int(e): float(v) for e, v in saved["history"].items() if int(e) < start_epoch}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
+        if saved.get("metric") != self.metric:
+            logger.warning("%s scored %s, not %s; starting a new record", path, saved.get("metric"),
+                           self.metric)
+            return
+        for epoch in sorted(history):
+            self._record(epoch, history[epoch])
+
+    def _record(self, epoch: int, value: float) -> None:
+        self.best.history[epoch] = value
+        if value > self.best.value:
+            self.best.epoch, self.best.value, self.stale = epoch, value, 0
+        else:
+            self.stale += 1
 
     def save(self, save_path: str) -> str:
         """Write ``best.json`` atomically next to the epoch folders."""

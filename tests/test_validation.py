@@ -95,3 +95,19 @@ def test_infer_best_without_validation_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "paddlerec_milvus.cli", "infer", "-m", CONFIG, "-o",
                            f"runner.infer_load_path={tmp_path}", "--best"], capture_output=True, text=True)
     assert proc.returncode == 2 and "no " in proc.stderr and "best.json" in proc.stderr
+
+
+def test_a_resumed_run_keeps_the_earlier_epochs_record(planted, tmp_path):
+    data, stats = planted
+    straight = _overrides(tmp_path / "a", data, stats, "runner.epochs=3", "runner.batches_per_epoch=20")
+    train(load_config(CONFIG, straight))
+    first = _overrides(tmp_path / "b", data, stats, "runner.epochs=2", "runner.batches_per_epoch=20")
+    train(load_config(CONFIG, first))
+    resumed = train(load_config(CONFIG, first[:-2] + [
+        "runner.epochs=3", "runner.batches_per_epoch=20", f"runner.model_init_path={tmp_path}/b/ckpt/1"]))
+    assert [e.epoch for e in resumed.epochs] == [2]
+    with open(tmp_path / "a" / "ckpt" / "best.json") as f:
+        want = json.load(f)
+    with open(tmp_path / "b" / "ckpt" / "best.json") as f:
+        got = json.load(f)
+    assert got == want and sorted(got["history"]) == ["0", "1", "2"]
