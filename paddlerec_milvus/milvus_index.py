@@ -8,8 +8,10 @@ scalar fields for filtered recall. Verbs: ``upsert``, ``search``, ``count``, ``d
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import pathlib
 import re
 import time
 import warnings
@@ -21,14 +23,23 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import section
-from .errors import MilvusIndexError
+from .errors import (
+    AliasInUse,
+    CollectionUnavailable,
+    MilvusIndexError,
+    MilvusRequestRejected,
+    MilvusUnavailable,
+)
 from .recall import UserRecall, recall_top_k
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_TOP_K = 16384  # Milvus's limit on limit (topk) and on nq per request
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-_TRANSIENT = ("unavailable", "deadline", "connection", "timeout", "timed out", "closed", "reset")
+_TRANSIENT = ("unavailable", "deadline", "connection", "timeout", "timed out", "closed", "reset",
+              "connect", "not ready", "socket")
+_MISSING = ("collection not found", "can't find collection", "collection not exist",
+            "not loaded", "collection not loaded")
 
 
 def _pymilvus():
@@ -160,44 +171,68 @@ class ItemIndex:
         if is_local_uri(self.uri):
             parent = os.path.dirname(os.path.abspath(self.uri))
             os.makedirs(parent, exist_ok=True)
+            _release_dead_lite(self.uri)
+        # A connection of our own (pymilvus shares one per uri by default): closing this index
+        # never closes another's, and a reconnect after a server restart opens a fresh channel.
+        kwargs = {"uri": self.uri, "timeout": self.timeout,
+                  "alias": f"paddlerec-milvus-{os.getpid()}-{next(_ALIASES)}"}
+        if token:
+            kwargs["token"] = token
         try:
-            kwargs = {"uri": self.uri, "timeout": self.timeout}
-            if token:
-                kwargs["token"] = token
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return pm.MilvusClient(**kwargs)
         except Exception as exc:  # pymilvus raises several kinds; one clear message
-            hint = ("is another process using this Milvus Lite file? Lite opens a .db in one "
-                    "process only; use a Milvus server for several") if is_local_uri(self.uri) \
-                else "is the server running and the uri/token right?"
-            raise MilvusIndexError(f"cannot reach Milvus at {self.uri}: {_short(exc)} ({hint})") from None
+            if is_local_uri(self.uri):
+                hint = ("is another process using this Milvus Lite file? Lite opens a .db in one "
+                        "process only; use a Milvus server for several")
+                if _lite_locked_by_other(self.uri) is False:
+                    hint = "the Milvus Lite process could not start; see the log above"
+            else:
+                hint = "is the server running and the uri/token right?"
+            raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: {_short(exc)} ({hint})") from None
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run a client call; retry transient failures with backoff; wrap the rest."""
+    def _call(self, what: str, fn: Callable[..., T]) -> T:
+        """Run a client call within this index's deadline (``timeout`` seconds for the call and
+        all its retries together): ``fn(timeout=..., retry_times=0)`` gets the time left, so
+        pymilvus makes one attempt bounded by it and the retries with backoff are ours."""
+        deadline = time.monotonic() + self.timeout
         for attempt in range(self.retries + 1):
+            left = deadline - time.monotonic()
             try:
-                return fn()
+                if left <= 0.05:
+                    raise _DeadlinePassed()
+                return fn(timeout=left, retry_times=0)
             except (MilvusIndexError, _RawSearchUnavailable):
                 raise
+            except _DeadlinePassed:
+                raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: {what} did not finish "
+                                        f"within {self.timeout:g} s") from None
             except Exception as exc:
-                transient = any(w in str(exc).lower() for w in _TRANSIENT)
-                if transient and attempt < self.retries:
-                    delay = 0.2 * 2 ** attempt
+                kind = classify_error(exc)
+                delay = 0.2 * 2 ** attempt
+                if kind is MilvusUnavailable and attempt < self.retries and \
+                        deadline - time.monotonic() > delay + 0.1:
                     logger.warning("Milvus %s failed (%s); retrying in %.1f s", what, _short(exc), delay)
                     time.sleep(delay)
                     continue
-                prefix = f"cannot reach Milvus at {self.uri}" if transient else f"Milvus {what} failed"
-                raise MilvusIndexError(f"{prefix}: {_short(exc)}") from None
+                if kind is MilvusUnavailable:
+                    raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: {what}: {_short(exc)}") \
+                        from None
+                if kind is CollectionUnavailable:
+                    raise CollectionUnavailable(
+                        f"collection {self.collection!r} is not available at {self.uri} ({_short(exc)}); "
+                        "export the model into it (paddlerec-milvus export)") from None
+                raise kind(f"Milvus {what} failed: {_short(exc)}") from None
         raise AssertionError("unreachable")
 
     # -- collection -----------------------------------------------------------------------
     def _ensure_collection(self) -> None:
         pm = _pymilvus()
         c, name = self._client, self.collection
-        if self._call("has_collection", lambda: c.has_collection(name)):
+        if self._call("has_collection", lambda **kw: c.has_collection(name, **kw)):
             self._check_existing()
-            self._call("load_collection", lambda: c.load_collection(name))
+            self._call("load_collection", lambda **kw: c.load_collection(name, **kw))
             return
         if not self.create:
             raise MilvusIndexError(f"no collection or alias {name!r} at {self.uri}; export the model "
@@ -210,18 +245,18 @@ class ItemIndex:
         index_params = c.prepare_index_params()
         index_params.add_index(field_name="embedding", index_type=self.index_type,
                                metric_type=self.metric, params=dict(self.index_params))
-        self._call("create_collection", lambda: c.create_collection(
-            name, schema=schema, consistency_level=self.consistency_level))
+        self._call("create_collection", lambda **kw: c.create_collection(
+            name, schema=schema, consistency_level=self.consistency_level, **kw))
         # sync=False: pymilvus would poll an empty collection's index state and sleep 0.5 s;
         # the index exists once the call returns, which is all loading needs
-        self._call("create_index", lambda: c.create_index(name, index_params, sync=False))
-        self._call("load_collection", lambda: c.load_collection(name))
+        self._call("create_index", lambda **kw: c.create_index(name, index_params, sync=False, **kw))
+        self._call("load_collection", lambda **kw: c.load_collection(name, **kw))
         logger.info("created collection %s (dim %d, %s/%s) at %s", name, self.dim,
                     self.index_type, self.metric, self.uri)
 
     def _check_existing(self) -> None:
         c, name = self._client, self.collection
-        desc = self._call("describe_collection", lambda: c.describe_collection(name))
+        desc = self._call("describe_collection", lambda **kw: c.describe_collection(name, **kw))
         fields = {f["name"]: f for f in desc.get("fields", [])}
         if "embedding" not in fields or "item_id" not in fields:
             raise MilvusIndexError(
@@ -236,8 +271,8 @@ class ItemIndex:
         missing = [f for f in self.scalar_fields if f not in fields]
         if missing:
             raise MilvusIndexError(f"collection {name!r} lacks scalar fields {missing}")
-        for idx in self._call("list_indexes", lambda: c.list_indexes(name)):
-            info = self._call("describe_index", lambda idx=idx: c.describe_index(name, idx))
+        for idx in self._call("list_indexes", lambda **kw: c.list_indexes(name, **kw)):
+            info = self._call("describe_index", lambda idx=idx, **kw: c.describe_index(name, idx, **kw))
             metric = str(info.get("metric_type", "IP")).upper()
             if info.get("field_name", "embedding") == "embedding" and metric != self.metric:
                 raise MilvusIndexError(
@@ -279,7 +314,7 @@ class ItemIndex:
             for name, values in fields.items():
                 for r, value in zip(rows, values[start:end]):
                     r[name] = int(value)
-            self._call("upsert", lambda: self._client.upsert(self.collection, rows))
+            self._call("upsert", lambda **kw: self._client.upsert(self.collection, rows, **kw))
             return len(rows)
 
         written = 0
@@ -303,18 +338,40 @@ class ItemIndex:
         return written
 
     def count(self) -> int:
-        res = self._call("count", lambda: self._client.query(
-            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"))
+        res = self._call("count", lambda **kw: self._client.query(
+            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong", **kw))
         return int(res[0]["count(*)"]) if res else 0
 
     def delete(self, ids: Sequence[int]) -> None:
         ids = [int(i) for i in ids]
         if ids:
-            self._call("delete", lambda: self._client.delete(self.collection, ids=ids))
+            self._call("delete", lambda **kw: self._client.delete(self.collection, ids=ids, **kw))
 
     def drop(self) -> None:
-        """Delete the collection and its data."""
-        self._call("drop_collection", lambda: self._client.drop_collection(self.collection))
+        """Delete the collection and its data. ``AliasInUse`` when the name is an alias of a
+        served version (Milvus will not drop through an alias)."""
+        try:
+            self._call("drop_collection", lambda **kw: self._client.drop_collection(self.collection, **kw))
+        except MilvusUnavailable:
+            raise
+        except MilvusIndexError as exc:
+            if "alias" in str(exc).lower():
+                raise AliasInUse(f"{self.collection!r} is an alias at {self.uri}: {exc}") from None
+            raise
+
+    def alias_target(self, alias: str) -> str | None:
+        """The collection ``alias`` points at, or None if there is no such alias."""
+        try:
+            info = self._call("describe_alias", lambda **kw: self._client.describe_alias(alias, **kw))
+        except MilvusUnavailable:
+            raise
+        except MilvusIndexError:
+            return None
+        return (info or {}).get("collection_name") or None
+
+    def has_collection(self, name: str | None = None) -> bool:
+        name = name or self.collection
+        return bool(self._call("has_collection", lambda **kw: self._client.has_collection(name, **kw)))
 
     def prepare_bulk_search(self, queries: int, rows: int, timeout: float = 120.0) -> None:
         """Before many searches on a server: flush and wait until the query nodes serve every row
@@ -325,11 +382,11 @@ class ItemIndex:
             return
         c, name = self._client, self.collection
         t0 = time.perf_counter()
-        self._call("flush", lambda: c.flush(name))
+        self._call("flush", lambda **kw: c.flush(name, **kw))
         try:
             handler = c._get_connection()
             while time.perf_counter() - t0 < timeout:
-                segments = self._call("segment info", lambda: handler.get_query_segment_info(name))
+                segments = self._call("segment info", lambda **kw: handler.get_query_segment_info(name, **kw))
                 sealed = sum(s.num_rows for s in segments if s.state in (3, 4))  # Sealed, Flushed
                 if sealed >= rows and all(s.state in (3, 4) for s in segments):
                     logger.info("%s: %d rows sealed and served after %.1f s", name, sealed,
@@ -353,29 +410,32 @@ class ItemIndex:
 
     def clear(self) -> None:
         """Delete every item and keep the collection, and any alias that points at it."""
-        self._call("delete", lambda: self._client.delete(self.collection, filter="item_id >= 0"))
+        self._call("delete", lambda **kw: self._client.delete(self.collection, filter="item_id >= 0", **kw))
 
-    def point_alias(self, alias: str, keep: int = 2) -> None:
-        """Point ``alias`` at this collection (create it or move it). Of the collections named
-        ``{alias}_v*`` the newest ``keep`` stay (requests already resolved to the previous version
-        finish); older ones are dropped."""
+    def point_alias(self, alias: str) -> list[str]:
+        """Point ``alias`` at this collection (create it or move it), then prune the other
+        ``{alias}_v*`` collections: the one the alias pointed at before stays (services still
+        on it finish their requests and swap), the rest go, aborted exports included.
+        Returns the dropped names."""
         c = self._client
-        try:
-            old = c.describe_alias(alias).get("collection_name")
-        except Exception:  # no such alias yet
-            old = None
+        old = self.alias_target(alias)
         if old is None:
-            if self._call("has_collection", lambda: c.has_collection(alias)):
+            if self.has_collection(alias):
                 raise MilvusIndexError(f"a collection named {alias!r} exists; the alias needs the name: "
                                        "drop it or choose another milvus.collection")
-            self._call("create_alias", lambda: c.create_alias(self.collection, alias))
+            self._call("create_alias", lambda **kw: c.create_alias(self.collection, alias, **kw))
         else:
-            self._call("alter_alias", lambda: c.alter_alias(self.collection, alias))
-        versions = sorted(n for n in self._call("list_collections", c.list_collections)
-                          if n.startswith(f"{alias}_v"))
-        for name in versions[:-keep]:
-            if name != self.collection:
-                self._call("drop old version", lambda name=name: c.drop_collection(name))
+            self._call("alter_alias", lambda **kw: c.alter_alias(self.collection, alias, **kw))
+        keep = {self.collection, old}
+        dropped = []
+        for name in self._call("list_collections", lambda **kw: c.list_collections(**kw)):
+            if name.startswith(f"{alias}_v") and name not in keep:
+                self._call("drop old version", lambda name=name, **kw: c.drop_collection(name, **kw))
+                dropped.append(name)
+        if dropped:
+            logger.info("dropped old versions of %s: %s (kept %s)", alias, dropped,
+                        sorted(k for k in keep if k))
+        return dropped
 
     def close(self) -> None:
         try:
@@ -404,24 +464,21 @@ class ItemIndex:
         scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
         params = {"metric_type": self.metric, "params": dict(self.search_params)}
         step = max(1, min(MAX_TOP_K, 65536 // limit, 2048))
-        # without a timeout pymilvus retries an unreachable server for minutes; it bounds its
-        # retries by time only when the timeout is an int
-        timeout = max(1, round(self.timeout))
         for s in range(0, len(q), step):
             chunk = q[s:s + step].tolist()
             if self._raw_search_ok:
                 try:
                     out_ids, out_scores = ids[s:s + step], scores[s:s + step]
-                    self._call("search", lambda chunk=chunk, i=out_ids, d=out_scores: self._search_raw(
-                        chunk, limit, filter, params, timeout, i, d))
+                    self._call("search", lambda chunk=chunk, i=out_ids, d=out_scores, **kw: self._search_raw(
+                        chunk, limit, filter, params, kw["timeout"], i, d))
                     continue
                 except _RawSearchUnavailable as exc:
                     logger.info("pymilvus internals changed (%s); using MilvusClient.search", exc)
                     self._raw_search_ok = False
-            res = self._call("search", lambda chunk=chunk: self._client.search(
+            res = self._call("search", lambda chunk=chunk, **kw: self._client.search(
                 self.collection, data=chunk, limit=limit, filter=filter or "",
                 search_params=params, anns_field="embedding",
-                consistency_level=self.consistency_level, timeout=timeout))
+                consistency_level=self.consistency_level, **kw))
             for r, hits in enumerate(res):
                 row = [(h["id"], h["distance"]) for h in hits]
                 if row:
@@ -431,7 +488,7 @@ class ItemIndex:
         return ids, scores
 
     def _search_raw(self, chunk: list[list[float]], limit: int, filter: str | None,
-                    params: dict[str, Any], timeout: int, ids_out: np.ndarray,
+                    params: dict[str, Any], timeout: float, ids_out: np.ndarray,
                     scores_out: np.ndarray) -> None:
         """The same request ``MilvusClient.search`` sends, but the reply's id and score arrays
         are read straight into numpy: pymilvus builds a Python object per hit, which cost more
@@ -477,6 +534,92 @@ class ItemIndex:
 
 class _RawSearchUnavailable(Exception):
     """The pymilvus internals the fast search path reads are not there (another version)."""
+
+
+class _DeadlinePassed(Exception):
+    """The index's time budget for one call ran out before an attempt could start."""
+
+
+_ALIASES = itertools.count()
+
+
+def classify_error(exc: BaseException) -> type[MilvusIndexError]:
+    """The one place that reads pymilvus/gRPC failures: which kind of Milvus trouble is it?"""
+    import grpc
+
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+            return MilvusUnavailable
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return MilvusRequestRejected
+    pm = _pymilvus()
+    if isinstance(exc, (pm.exceptions.MilvusUnavailableException, pm.exceptions.ConnectError,
+                        pm.exceptions.ConnectionNotExistException)):
+        return MilvusUnavailable
+    text = str(exc).lower()
+    code = getattr(exc, "code", None)
+    if code == 100 or any(w in text for w in _MISSING):  # 100: CollectionNotExists
+        return CollectionUnavailable
+    if any(w in text for w in _TRANSIENT) or isinstance(code, grpc.StatusCode):
+        return MilvusUnavailable
+    if code in (1100, 1101) or isinstance(exc, pm.exceptions.ParamError) or "parse" in text or "expr" in text:
+        return MilvusRequestRejected  # 1100: invalid parameter
+    return MilvusIndexError
+
+
+def _lite_server(uri: str):
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return None, None
+    path = str(pathlib.Path(uri).absolute().resolve())
+    return server_manager_instance, path
+
+
+def _release_dead_lite(uri: str) -> None:
+    """pymilvus keeps one Milvus Lite child per file and never notices when it dies: every
+    reconnect would reuse its dead socket. Forget a dead child so the next client starts one."""
+    manager, path = _lite_server(uri)
+    if manager is None:
+        return
+    server = manager._servers.get(path)
+    proc = getattr(server, "_p", None)
+    if server is not None and proc is not None and proc.poll() is not None:
+        logger.warning("the Milvus Lite process for %s exited (code %s); starting a new one",
+                       uri, proc.returncode)
+        try:
+            manager.release_server(path)
+        except Exception as exc:  # its own cleanup of a dead process; the new start matters
+            logger.debug("releasing the dead Milvus Lite server: %s", exc)
+            manager._servers.pop(path, None)
+
+
+def lite_pid(uri: str) -> int | None:
+    """The pid of this process's Milvus Lite child for ``uri`` (None if not started)."""
+    manager, path = _lite_server(uri)
+    server = manager._servers.get(path) if manager is not None else None
+    proc = getattr(server, "_p", None)
+    return proc.pid if proc is not None and proc.poll() is None else None
+
+
+def _lite_locked_by_other(uri: str) -> bool | None:
+    """True if another process holds the Lite file's lock; None if unknown."""
+    lock = os.path.join(os.path.dirname(os.path.abspath(uri)), f".{os.path.basename(uri)}.lock")
+    if not os.path.exists(lock):
+        return False
+    import fcntl
+
+    try:
+        with open(lock, "a") as f:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
 
 
 def _short(exc: BaseException) -> str:

@@ -152,11 +152,11 @@ def test_a_failed_batch_fails_the_upsert(tmp_path, data, monkeypatch):
     idx = _index(str(tmp_path / "fail.db"), "failing", upsert_workers=2)
     real, calls = idx._client.upsert, []
 
-    def flaky(collection, rows):
+    def flaky(collection, rows, **kw):
         calls.append(len(rows))
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return real(collection, rows)
+        return real(collection, rows, **kw)
 
     monkeypatch.setattr(idx._client, "upsert", flaky)
     with pytest.raises(MilvusIndexError, match="Milvus upsert failed: disk full"):
