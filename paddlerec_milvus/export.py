@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -26,37 +26,11 @@ from .config import resolve_path
 from .errors import ConfigError, DataError, MilvusIndexError
 from .milvus_index import ItemIndex, is_local_uri
 from .model_dir import load_dygraph_model
+from .serving_contract import ITEM_MAP, ITEM_VECTORS, MANIFEST, Manifest
 from .validation import best_epoch
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "user_tower"
-
-
-@dataclass
-class Manifest:
-    model_version: str
-    epoch: int
-    embedding_dim: int
-    max_k: int
-    maxlen: int
-    item_count: int
-    items_indexed: int
-    milvus_uri: str
-    collection: str  # what the service searches: the alias on a server, the collection on Lite
-    physical_collection: str
-    model_file: str
-    params_file: str
-
-    @classmethod
-    def load(cls, export_dir: str) -> Manifest:
-        """Read ``manifest.json``; the folder also has item_map.tsv and item_vectors.npy."""
-        path = os.path.join(export_dir, "manifest.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"no exported model at {export_dir} (manifest.json missing; run "
-                              "`paddlerec-milvus export` first)")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 def read_item_map(path: str | None, item_count: int) -> np.ndarray:
@@ -142,7 +116,8 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     if len(np.unique(raw_ids[1:])) != item_count - 1:
         raise DataError("item map has duplicate raw ids")
 
-    version = time.strftime("%Y%m%d%H%M%S") + f"_e{epoch}"
+    now = time.time()
+    version = time.strftime("%Y%m%d%H%M%S", time.localtime(now)) + f"{int(now * 1000) % 1000:03d}_e{epoch}"
     # A collection of its own: the evaluation collection (dense ids) stays untouched.
     base = collection or str(config.get("milvus.serving_collection") or
                              f"{config.get('milvus.collection') or 'mind_items'}_serving")
@@ -152,18 +127,23 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
 
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export.tmp-", dir=parent)
     try:
-        model_file, params_file = save_user_tower(model, maxlen, tmp)
-        np.save(os.path.join(tmp, "item_vectors.npy"), vectors.astype(np.float32))  # row i = id i+1
-        with open(os.path.join(tmp, "item_map.tsv"), "w", encoding="utf-8") as f:
-            f.write("item_id\traw_id\n")
-            f.writelines(f"{d}\t{r}\n" for d, r in enumerate(raw_ids[1:].tolist(), 1))
-        if not server:
-            ItemIndex.from_config(config, dim, collection=base).drop()
-        index = ItemIndex.from_config(config, dim, collection=physical)
-        try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export.tmp-", dir=parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export to {output_dir}: {exc.strerror or exc}") from None
+    index = None
+    switched = False
+    try:
+        with _sigterm_as_interrupt():
+            model_file, params_file = save_user_tower(model, maxlen, tmp)
+            np.save(os.path.join(tmp, ITEM_VECTORS), vectors.astype(np.float32))  # row i = id i+1
+            with open(os.path.join(tmp, ITEM_MAP), "w", encoding="utf-8") as f:
+                f.write("item_id\traw_id\n")
+                f.writelines(f"{d}\t{r}\n" for d, r in enumerate(raw_ids[1:].tolist(), 1))
+            if not server:
+                ItemIndex.from_config(config, dim, collection=base).drop()
+            index = ItemIndex.from_config(config, dim, collection=physical)
             written = index.upsert(raw_ids[1:], vectors)
             if server:
                 # count() is Strong: it returns once the server has applied every write, so searches
@@ -172,19 +152,61 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 if held != written:
                     raise MilvusIndexError(f"{physical} holds {held} of {written} items; alias not switched")
                 index.point_alias(base)
-        finally:
-            index.close()
-        manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
-                            physical, model_file, params_file)
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(asdict(manifest), f, indent=2)
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.rename(tmp, output_dir)
-    except BaseException:
+                switched = True
+            manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
+                                physical, model_file, params_file)
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+                json.dump(asdict(manifest), f, indent=2)
+            os.chmod(tmp, 0o755)
+            if os.path.isdir(output_dir):
+                old = output_dir + f".old-{os.getpid()}"
+                os.rename(output_dir, old)  # two renames: a service never sees a missing manifest
+                os.rename(tmp, output_dir)  # for longer than between them
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, output_dir)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if server and index is not None and not switched:
+            _drop_unserved(index, physical)
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+            raise ConfigError(f"cannot write the export to {output_dir}: {exc.strerror or exc}") from None
         raise
+    finally:
+        if index is not None:
+            index.close()
     logger.info("exported epoch %d as version %s to %s; %d items in %s (%s)", epoch, version,
                 output_dir, written, physical, "alias " + base if server else "Milvus Lite")
     return manifest
+
+
+def _drop_unserved(index: ItemIndex, physical: str) -> None:
+    """An aborted export's collection serves nobody: drop it, or say it is left behind."""
+    try:
+        index.drop()
+        logger.info("export aborted: dropped its unserved collection %s", physical)
+    except MilvusIndexError as exc:
+        logger.warning("export aborted: could not drop its collection %s (%s); the next export "
+                       "prunes it", physical, exc)
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM during an export raises KeyboardInterrupt, so the cleanup above runs (no temp
+    folder or half-filled collection is left behind), as it does for Ctrl-C."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt("SIGTERM")
+
+            self._previous = signal.signal(signal.SIGTERM, handler)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

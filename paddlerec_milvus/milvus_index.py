@@ -8,6 +8,8 @@ scalar fields for filtered recall. Verbs: ``upsert``, ``search``, ``count``, ``d
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -15,7 +17,7 @@ import pathlib
 import re
 import time
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, TypeVar
 
@@ -162,7 +164,7 @@ class ItemIndex:
             batch_size=int(config.get("milvus.batch_size") or 1000),
             upsert_workers=int(config.get("milvus.upsert_workers") or 2),
             scalar_fields=config.get("milvus.scalar_fields") or (),
-            **kwargs,
+            **{"timeout": float(config.get("milvus.timeout") or 10.0), **kwargs},
         )
 
     # -- connection -----------------------------------------------------------------------
@@ -174,7 +176,9 @@ class ItemIndex:
             _release_dead_lite(self.uri)
         # A connection of our own (pymilvus shares one per uri by default): closing this index
         # never closes another's, and a reconnect after a server restart opens a fresh channel.
-        kwargs = {"uri": self.uri, "timeout": self.timeout,
+        scope = _DEADLINE.get()
+        timeout = self.timeout if scope is None else max(0.1, min(self.timeout, scope - time.monotonic()))
+        kwargs = {"uri": self.uri, "timeout": timeout,
                   "alias": f"paddlerec-milvus-{os.getpid()}-{next(_ALIASES)}"}
         if token:
             kwargs["token"] = token
@@ -197,6 +201,9 @@ class ItemIndex:
         all its retries together): ``fn(timeout=..., retry_times=0)`` gets the time left, so
         pymilvus makes one attempt bounded by it and the retries with backoff are ours."""
         deadline = time.monotonic() + self.timeout
+        scope = _DEADLINE.get()
+        if scope is not None:
+            deadline = min(deadline, scope)
         for attempt in range(self.retries + 1):
             left = deadline - time.monotonic()
             try:
@@ -206,8 +213,9 @@ class ItemIndex:
             except (MilvusIndexError, _RawSearchUnavailable):
                 raise
             except _DeadlinePassed:
+                budget = self.timeout if scope is None else min(self.timeout, self._scope_len())
                 raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: {what} did not finish "
-                                        f"within {self.timeout:g} s") from None
+                                        f"within {budget:g} s") from None
             except Exception as exc:
                 kind = classify_error(exc)
                 delay = 0.2 * 2 ** attempt
@@ -222,7 +230,8 @@ class ItemIndex:
                 if kind is CollectionUnavailable:
                     raise CollectionUnavailable(
                         f"collection {self.collection!r} is not available at {self.uri} ({_short(exc)}); "
-                        "export the model into it (paddlerec-milvus export)") from None
+                        "export the model into it (paddlerec-milvus export) or refill it "
+                        "(POST /rec/insert_data)") from None
                 raise kind(f"Milvus {what} failed: {_short(exc)}") from None
         raise AssertionError("unreachable")
 
@@ -235,8 +244,9 @@ class ItemIndex:
             self._call("load_collection", lambda **kw: c.load_collection(name, **kw))
             return
         if not self.create:
-            raise MilvusIndexError(f"no collection or alias {name!r} at {self.uri}; export the model "
-                                   "into it first (paddlerec-milvus export)")
+            raise CollectionUnavailable(
+                f"no collection or alias {name!r} at {self.uri}; export the model into it "
+                "(paddlerec-milvus export) or refill it (POST /rec/insert_data)")
         schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("item_id", pm.DataType.INT64, is_primary=True)
         schema.add_field("embedding", pm.DataType.FLOAT_VECTOR, dim=self.dim)
@@ -443,6 +453,10 @@ class ItemIndex:
         except Exception:  # closing a dead connection is not an error worth raising
             pass
 
+    @staticmethod
+    def _scope_len() -> float:
+        return _SCOPE_LEN.get()
+
     def __enter__(self) -> ItemIndex:
         return self
 
@@ -530,6 +544,25 @@ class ItemIndex:
                exclude_history: bool = False, filter: str | None = None) -> list[UserRecall]:
         """K interest vectors per user -> one merged top-k list per user."""
         return recall_top_k(self, interests, top_k, histories, exclude_history, filter)
+
+
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("milvus_deadline", default=None)
+_SCOPE_LEN: contextvars.ContextVar[float] = contextvars.ContextVar("milvus_deadline_len", default=0.0)
+
+
+@contextlib.contextmanager
+def deadline_scope(seconds: float) -> Iterator[None]:
+    """Every Milvus call made inside (any index, any number of calls and retries) ends by
+    ``seconds`` from now: a request's worst case, not a per-call one."""
+    end = time.monotonic() + seconds
+    outer = _DEADLINE.get()
+    token = _DEADLINE.set(end if outer is None else min(end, outer))
+    token_len = _SCOPE_LEN.set(seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+        _SCOPE_LEN.reset(token_len)
 
 
 class _RawSearchUnavailable(Exception):

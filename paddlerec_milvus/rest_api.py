@@ -11,25 +11,38 @@ API process per Lite file, or point it at a Milvus server.
 
 import csv
 import gzip
+import hmac
 import html
+import json
 import logging
 import os
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from .errors import MilvusIndexError, RequestError
+from .errors import (
+    AliasInUse,
+    CollectionUnavailable,
+    ConfigError,
+    MilvusIndexError,
+    MilvusRequestRejected,
+    MilvusUnavailable,
+    Overloaded,
+    PaddleRecMilvusError,
+    RequestError,
+)
+from .milvus_index import MAX_TOP_K, ItemIndex, deadline_scope
+from .serving_contract import ENV, ITEM_VECTORS, Manifest, ServingLimits
 
 logger = logging.getLogger(__name__)
 
@@ -38,49 +51,44 @@ DEFAULT_EXPORT_DIR = os.path.join(REPO_ROOT, "output", "export")
 DEFAULT_TITLES = os.path.join(REPO_ROOT, "models", "mind", "data", "demo_titles.csv.gz")
 DEFAULT_STATIC_DIR = os.path.join(REPO_ROOT, "serving", "static")
 INT64_MAX = 2**63 - 1
-ENV = "PADDLEREC_MILVUS_"
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+MUTATING = ("/rec/insert_data", "/rec/upsert_items", "/rec/drop", "/qa/drop")
 
 
 @dataclass
 class ApiSettings:
-    """Where the model, Milvus and titles are, and the limits on one request."""
+    """Where the model, Milvus and titles are, the request limits, and who may change data."""
 
     export_dir: str = DEFAULT_EXPORT_DIR
     milvus_uri: str | None = None  # None: the uri in the export's manifest
     collection: str | None = None  # None: the collection in the export's manifest
-    token: str = ""
+    token: str = ""  # Milvus token
     titles_path: str | None = DEFAULT_TITLES  # CSV(.gz) "item,title"; None/missing: ids only
     static_dir: str | None = DEFAULT_STATIC_DIR  # the demo page; None/missing: no page
-    max_users: int = 256  # history rows per request
-    max_history: int = 1000  # item ids per history row (the model reads the newest maxlen)
-    max_top_k: int = 1000
-    default_top_k: int = 50
-    max_upsert: int = 10000  # items per /rec/upsert_items call
-    max_body_bytes: int = 8 * 1024 * 1024
-    milvus_timeout: float = 10.0  # seconds per Milvus call (and to connect)
+    limits: ServingLimits = field(default_factory=ServingLimits)
+    api_token: str = ""  # required on mutating endpoints when set (Authorization: Bearer ...)
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names served; ("*",) = any
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed to call mutating endpoints
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ApiSettings":
         """Defaults, then ``PADDLEREC_MILVUS_*`` variables, then non-None ``overrides``."""
         env = os.environ
-        s = cls()
+        values: dict[str, Any] = {}
         strings = {"export_dir": "EXPORT_DIR", "milvus_uri": "URI", "collection": "COLLECTION",
-                   "token": "TOKEN", "titles_path": "TITLES", "static_dir": "STATIC_DIR"}
-        numbers = {"max_users": "MAX_USERS", "max_history": "MAX_HISTORY", "max_top_k": "MAX_TOP_K",
-                   "default_top_k": "DEFAULT_TOP_K", "max_upsert": "MAX_UPSERT",
-                   "max_body_bytes": "MAX_BODY_BYTES", "milvus_timeout": "TIMEOUT"}
-        for field, name in strings.items():
-            if env.get(ENV + name):
-                s = replace(s, **{field: env[ENV + name]})
-        for field, name in numbers.items():
-            raw = env.get(ENV + name)
-            if raw:
-                kind = float if field == "milvus_timeout" else int
-                try:
-                    s = replace(s, **{field: kind(raw)})
-                except ValueError:
-                    raise ValueError(f"{ENV + name}={raw!r} is not a number") from None
-        return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+                   "token": "TOKEN", "titles_path": "TITLES", "static_dir": "STATIC_DIR",
+                   "api_token": "API_TOKEN"}
+        for name, var in strings.items():
+            if env.get(ENV + var):
+                values[name] = env[ENV + var]
+        for name, var in (("allowed_hosts", "ALLOWED_HOSTS"), ("allowed_origins", "ALLOWED_ORIGINS")):
+            if env.get(ENV + var):
+                values[name] = tuple(h.strip() for h in env[ENV + var].split(",") if h.strip())
+        values["limits"] = ServingLimits.from_env(env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def load_titles(path: str | None) -> dict[int, str]:
@@ -113,24 +121,28 @@ class RecallResponse(BaseModel):
     titles: list[list[str | None]] | None = Field(None, description="item titles (with_titles)")
     top_k: int
     notes: list[str] = Field(default_factory=list, description="e.g. unknown history ids ignored")
+    model_version: str = Field(description="the export whose user tower and item vectors answered")
     took_ms: float
 
 
 class InterestsResponse(BaseModel):
     interests: list[list[list[float]]] = Field(description="[rows][K][dim] interest vectors")
     notes: list[str] = Field(default_factory=list)
+    model_version: str
 
 
 class WriteResponse(BaseModel):
     written: int = Field(description="item vectors written by this call")
     count: int = Field(description="item vectors in the collection now")
     collection: str
+    model_version: str
     took_ms: float
 
 
 class CountResponse(BaseModel):
     count: int
     collection: str
+    model_version: str
 
 
 class DropResponse(BaseModel):
@@ -140,7 +152,7 @@ class DropResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description='"ok", or "degraded" when Milvus cannot be reached')
+    status: str = Field(description='"ok", or "degraded" when recall would fail or answer nothing')
     model_loaded: bool
     model_version: str | None
     embedding_dim: int | None
@@ -150,6 +162,7 @@ class HealthResponse(BaseModel):
     collection: str | None
     count: int | None
     error: str | None = None
+    alias_target: str | None = Field(None, description="what the serving alias points at (a server)")
     limits: dict[str, int]
 
 
@@ -168,41 +181,39 @@ class SearchResponse(BaseModel):
     total_matches: int
 
 
-def _request_models(s: ApiSettings, dim: int) -> SimpleNamespace:
-    """Request bodies whose OpenAPI schema carries this service's limits."""
-    item_id = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
-    history = Annotated[list[item_id], Field(min_length=1, max_length=s.max_history)]
-    histories = Annotated[list[history], Field(min_length=1, max_length=s.max_users,
-                                              description="one list of clicked item ids per user, oldest "
-                                                          "first (the newest `maxlen` are used)")]
-    top_k_limit = s.max_top_k
+# -- request models: the service's limits are checked by the service (one set for every front end)
+item_id = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+History = Annotated[list[item_id], Field(min_length=1)]
+Histories = Annotated[list[History], Field(min_length=1, description="one list of clicked item ids per "
+                                                                     "user, oldest first (the newest "
+                                                                     "`maxlen` are used)")]
 
-    class RecallRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={
-            "examples": [{"top_k": 50, "hist_item": [[43, 23, 65], [675, 3456]]}]})
-        top_k: StrictInt = Field(s.default_top_k, ge=1, le=top_k_limit, description="items per row")
-        hist_item: histories
-        with_scores: StrictBool = False
-        with_titles: StrictBool = False
-        exclude_history: StrictBool = Field(False, description="drop items already in the row's history")
-        filter: str | None = Field(None, max_length=1000,
-                                   description="Milvus boolean expression on the collection's fields")
 
-    class InterestsRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        hist_item: histories
+class RecallRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"top_k": 50, "hist_item": [[43, 23, 65], [675, 3456]]}]})
+    top_k: StrictInt | None = Field(None, ge=1, le=MAX_TOP_K, description="items per row (default: "
+                                    "the service's default_top_k; at most its max_top_k, see /health)")
+    hist_item: Histories
+    with_scores: StrictBool = False
+    with_titles: StrictBool = False
+    exclude_history: StrictBool = Field(False, description="drop items already in the row's history")
+    filter: str | None = Field(None, max_length=4096,
+                               description="boolean expression over item_id (and the collection's scalar "
+                                           "fields): == != < <= > >= in [..] and or not, parentheses")
 
-    component = Annotated[StrictFloat, Field(allow_inf_nan=False)]
-    vector = Annotated[list[component], Field(min_length=dim, max_length=dim)]
 
-    class UpsertRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        item_id: Annotated[list[Annotated[StrictInt, Field(ge=1, le=INT64_MAX)]],
-                           Field(min_length=1, max_length=s.max_upsert, description="raw item ids")]
-        embedding: Annotated[list[vector], Field(min_length=1, max_length=s.max_upsert,
-                                                 description=f"one {dim}-d vector per item")]
+class InterestsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hist_item: Histories
 
-    return SimpleNamespace(recall=RecallRequest, interests=InterestsRequest, upsert=UpsertRequest)
+
+class UpsertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: Annotated[list[Annotated[StrictInt, Field(ge=1, le=INT64_MAX)]],
+                       Field(min_length=1, description="raw item ids")]
+    embedding: Annotated[list[list[Annotated[StrictFloat, Field(allow_inf_nan=False)]]],
+                         Field(min_length=1, description="one vector of the model's dim per item")]
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -211,20 +222,6 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for p in parts:
         text += f"[{p}]" if isinstance(p, int) else (f".{p}" if text else str(p))
     return text or "body"
-
-
-def _clear(index: Any) -> None:
-    """Drop the collection. On a Milvus server the serving name is an alias of the exported
-    version, which Milvus will not drop: there the rows are deleted and the alias kept."""
-    try:
-        index.drop()
-        logger.info("dropped collection %s", index.collection)
-    except MilvusIndexError as exc:
-        if "alias" not in str(exc):
-            raise
-        index.clear()
-        logger.info("deleted every item of %s (an alias; the collection behind it stays)",
-                    index.collection)
 
 
 class _State:
@@ -243,21 +240,17 @@ class _State:
         s = self.settings
         self.service = service or RecallService(
             s.export_dir, milvus_uri=s.milvus_uri, collection=s.collection, token=s.token,
-            max_users=s.max_users, max_top_k=s.max_top_k, default_top_k=s.default_top_k,
-            index_kwargs={"timeout": s.milvus_timeout})
+            limits=s.limits)
         self.titles = load_titles(s.titles_path)
         known = set(self.service.dense_of)
         self.search_keys = sorted(((i, t.lower()) for i, t in self.titles.items() if i in known),
                                   key=lambda it: (len(it[1]), it[0]))
-        m = self.service.manifest
-        logger.info("model %s (epoch %d, %d items, K=%d, dim %d) from %s; Milvus %s collection %s",
-                    m.model_version, m.epoch, m.item_count - 1, m.max_k, m.embedding_dim,
-                    self.service.export_dir, self.service.uri, self.service.collection)
         try:  # connect now (and start Milvus Lite) so the first request is fast; not fatal
             logger.info("collection %s holds %d item vectors", self.service.collection,
                         self.service.index.count())
         except MilvusIndexError as exc:
-            logger.warning("Milvus not reachable at startup (requests will retry): %s", exc)
+            self.service.reset_index()
+            logger.warning("Milvus not ready at startup (requests answer 503 until it is): %s", exc)
 
     def stop(self) -> None:
         if self.service is not None:
@@ -265,17 +258,336 @@ class _State:
             self.service = None
 
 
+def _state(request: Request) -> _State:
+    return request.app.state.api
+
+
+def _service(request: Request) -> Any:
+    service = _state(request).service
+    if service is None:
+        raise MilvusUnavailable("the model is not loaded: the service is starting or stopping")
+    return service
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
+
+
+# -- the guard: hosts, body size (chunked too), and who may change data -------------------------
+class RequestGuard:
+    """Pure ASGI middleware, so it sees the body as it streams: a chunked body cannot slip past
+    the size limit. Checks the Host header (DNS rebinding), and for mutating endpoints a JSON
+    content type (a form post from another site cannot send one without CORS), the Origin
+    (another site's page) and the API token when one is configured."""
+
+    def __init__(self, app: Any, settings: ApiSettings):
+        self.app, self.s = app, settings
+        self.any_host = "*" in settings.allowed_hosts
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        problem = self._check(scope, headers, host)
+        if problem:
+            return await _send_json(send, *problem)
+        limit = self.s.limits.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _send_json(send, 400, "invalid Content-Length header")
+            if int(length) > limit:
+                return await _send_json(send, 413, f"request body of {length} bytes is over the limit "
+                                                   f"of {limit} bytes")
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _send_json(send, 413, f"request body is over the limit of {limit} bytes "
+                                                   "(chunked)")
+            body.append(chunk)
+            more = message.get("more_body", False)
+        data = b"".join(body)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _check(self, scope: dict, headers: dict[str, str], host: str) -> tuple[int, str, dict] | None:
+        name = _host_name(host)
+        if not self.any_host and name not in self.s.allowed_hosts:
+            return 400, (f"Host {host!r} is not served here (allowed: {', '.join(self.s.allowed_hosts)}; "
+                         f"set {ENV}ALLOWED_HOSTS)"), {}
+        if scope["method"] != "POST" or scope["path"] not in MUTATING:
+            return None
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.s.allowed_origins and \
+                _origin_authority(origin) != host.lower():
+            return 403, (f"Origin {origin!r} may not change the collection (allowed: this server, "
+                         f"{ENV}ALLOWED_ORIGINS)"), {}
+        if headers.get("sec-fetch-site") == "cross-site" and origin not in self.s.allowed_origins:
+            return 403, "cross-site requests may not change the collection", {}
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return 415, (f"{scope['path']} changes data and needs Content-Type: application/json "
+                         f"(got {ctype or 'none'}); send a JSON body, e.g. {{}}"), {}
+        if self.s.api_token:
+            auth = headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-token", "")
+            if not hmac.compare_digest(given.encode(), self.s.api_token.encode()):
+                return 401, f"{scope['path']} needs the API token (Authorization: Bearer ...)", \
+                    {"www-authenticate": "Bearer"}
+        return None
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _origin_authority(origin: str) -> str:
+    return origin.split("://", 1)[-1].rstrip("/").lower()
+
+
+async def _send_json(send: Any, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- errors: one mapping from the typed errors to HTTP ----------------------------------------------
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, (RequestError, MilvusRequestRejected)):
+        return 400
+    if isinstance(exc, Overloaded):
+        return 429
+    if isinstance(exc, (MilvusIndexError, ConfigError)):
+        return 503
+    return 500
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    msg = f"{_field_path(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid request')}"
+    if first.get("type") == "json_invalid":
+        loc = first.get("loc", ())
+        where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        why = (first.get("ctx") or {}).get("error", "parse error")
+        msg = f"the request body is not valid JSON ({why}{where})"
+    if "input" in first and first.get("type") not in ("missing", "list_too_long", "json_invalid"):
+        shown = repr(first["input"])
+        msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
+    if len(errs) > 1:
+        msg += f"; and {len(errs) - 1} more problem(s)"
+    slim = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errs[:20]]
+    return JSONResponse({"detail": msg, "errors": jsonable_encoder(slim)}, status_code=422)
+
+
+async def on_our_error(request: Request, exc: PaddleRecMilvusError) -> JSONResponse:
+    status = _status_of(exc)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status >= 500:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+# -- the endpoints ------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.post("/rec/recall", response_model=RecallResponse, tags=["recall"],
+             summary="Recall top_k items for each history row")
+def recall(req: RecallRequest, request: Request) -> RecallResponse:
+    """Each row of ``hist_item`` (a user's clicked raw item ids) -> K interest vectors ->
+    K Milvus searches -> one merged list of raw item ids, best first."""
+    t0 = time.perf_counter()
+    state = _state(request)
+    ans = _service(request).recall(req.hist_item, top_k=req.top_k, exclude_history=req.exclude_history,
+                                   filter=req.filter)
+    titles = [[state.titles.get(i) for i in row] for row in ans.items] if req.with_titles else None
+    return RecallResponse(items=ans.items, scores=ans.scores if req.with_scores else None,
+                          titles=titles, top_k=req.top_k or state.settings.limits.default_top_k,
+                          notes=ans.notes, model_version=ans.model_version, took_ms=_ms(t0))
+
+
+@router.post("/rec/interests", response_model=InterestsResponse, tags=["recall"],
+             summary="The K interest vectors of each history row")
+def interests(req: InterestsRequest, request: Request) -> InterestsResponse:
+    """What recall searches Milvus with: ``[rows][K][dim]`` vectors from the user tower."""
+    service = _service(request)
+    version = service.current()
+    vecs, notes = service.interests(req.hist_item, version)
+    return InterestsResponse(interests=np.asarray(vecs, dtype=np.float64).tolist(), notes=notes,
+                             model_version=version.version)
+
+
+def _write(request: Request, ids: np.ndarray, vectors: np.ndarray) -> WriteResponse:
+    t0 = time.perf_counter()
+    service = _service(request)
+    version = service.current()
+    with _state(request).write_lock, deadline_scope(service.limits.milvus_timeout):
+        # create=True: after /rec/drop on Lite the collection is gone and this brings it back
+        index = ItemIndex(version.uri, version.collection, version.manifest.embedding_dim,
+                          token=_state(request).settings.token, timeout=service.limits.milvus_timeout,
+                          retries=service.limits.milvus_retries, create=True)
+        try:
+            written = index.upsert(ids, vectors, progress=False)
+            count = index.count()
+        finally:
+            index.close()
+    version.reset_index()
+    logger.info("upserted %d item vectors into %s (%d now)", written, version.collection, count)
+    return WriteResponse(written=written, count=count, collection=version.collection,
+                         model_version=version.version, took_ms=_ms(t0))
+
+
+@router.post("/rec/insert_data", response_model=WriteResponse, tags=["collection"],
+             summary="Write the exported model's item vectors into Milvus (idempotent)")
+def insert_data(request: Request) -> WriteResponse:
+    """Upsert every item vector of the exported model, keyed by raw item id. Re-running
+    never duplicates; after ``/rec/drop`` it re-creates the collection."""
+    service = _service(request)
+    version = service.current()
+    vectors = np.load(os.path.join(service.export_dir, ITEM_VECTORS))
+    return _write(request, np.asarray(version.raw_ids[1:], dtype=np.int64), vectors)
+
+
+@router.post("/rec/upsert_items", response_model=WriteResponse, tags=["collection"],
+             summary="Insert or replace item vectors (real-time new items)")
+def upsert_items(req: UpsertRequest, request: Request) -> WriteResponse:
+    """New or changed items are recallable by the next request."""
+    service = _service(request)
+    dim, limit = service.manifest.embedding_dim, service.limits.max_upsert
+    if len(req.item_id) > limit:
+        raise RequestError(f"{len(req.item_id)} items in one call; the limit is {limit}")
+    if len(req.item_id) != len(req.embedding):
+        raise RequestError(f"{len(req.item_id)} item ids but {len(req.embedding)} embeddings")
+    if len(set(req.item_id)) != len(req.item_id):
+        raise RequestError("item_id has duplicates")
+    bad = next((i for i, v in enumerate(req.embedding) if len(v) != dim), None)
+    if bad is not None:
+        raise RequestError(f"embedding[{bad}] has {len(req.embedding[bad])} values; the model's dim is {dim}")
+    vectors = np.asarray(req.embedding, dtype=np.float64)
+    if not np.all(np.isfinite(vectors.astype(np.float32))):
+        raise RequestError("embedding values must fit in float32 (|x| < 3.4e38)")
+    return _write(request, np.asarray(req.item_id, dtype=np.int64), vectors.astype(np.float32))
+
+
+@router.post("/rec/count", response_model=CountResponse, tags=["collection"],
+             summary="Number of item vectors in the collection")
+def count(request: Request) -> CountResponse:
+    service = _service(request)
+    version = service.current()
+    with deadline_scope(service.limits.milvus_timeout):
+        try:
+            n = version.index().count()
+        except CollectionUnavailable:  # dropped: it holds nothing (recall says 503 with the cause)
+            version.reset_index()
+            n = 0
+        except MilvusIndexError:
+            version.reset_index()
+            raise
+    return CountResponse(count=n, collection=version.collection, model_version=version.version)
+
+
+def drop(request: Request) -> DropResponse:
+    """Delete the collection's data (count becomes 0); ``/rec/insert_data`` refills it. Needs a
+    JSON content type, this server's origin, and the API token when one is configured."""
+    service = _service(request)
+    version = service.current()
+    with _state(request).write_lock, deadline_scope(service.limits.milvus_timeout):
+        index = version.index()
+        try:
+            index.drop()
+            logger.info("dropped collection %s", version.collection)
+        except AliasInUse:  # a server keeps an aliased collection: delete its rows instead
+            index.clear()
+            logger.info("deleted every item of %s (the alias stays)", version.collection)
+        finally:
+            version.reset_index()
+    return DropResponse(dropped=True, collection=version.collection, count=0)
+
+
+for _path in MUTATING[2:]:
+    router.post(_path, response_model=DropResponse, tags=["collection"],
+                summary="Delete the collection's data (count becomes 0)")(drop)
+
+
+@router.get("/health", response_model=HealthResponse, tags=["service"],
+            responses={503: {"model": HealthResponse, "description": "recall would fail or be empty"}})
+def health(request: Request) -> JSONResponse:
+    """200 "ok" only when recall would answer items; else 503 "degraded" with the reason."""
+    state = _state(request)
+    service = state.service
+    lim = state.settings.limits
+    body: dict[str, Any] = {
+        "status": "degraded", "model_loaded": service is not None, "model_version": None,
+        "embedding_dim": None, "interests_per_user": None, "milvus_reachable": False,
+        "milvus_uri": None, "collection": None, "count": None, "error": None,
+        "limits": {"max_users": lim.max_users, "max_history": lim.max_history,
+                   "max_top_k": min(lim.max_top_k, MAX_TOP_K), "default_top_k": lim.default_top_k,
+                   "max_upsert": lim.max_upsert, "max_body_bytes": lim.max_body_bytes}}
+    if service is None:
+        body["error"] = "model not loaded"
+        return JSONResponse(body, status_code=503)
+    m = service.manifest
+    body.update(embedding_dim=m.embedding_dim, interests_per_user=m.max_k)
+    body.update(service.health())
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@router.get("/items/search", response_model=SearchResponse, tags=["items"],
+            summary="Find items the model knows by part of their title (or by id)")
+def search_items(request: Request, q: Annotated[str, Query(min_length=1, max_length=200)],
+                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> SearchResponse:
+    """Case-insensitive substring match; titles that start with the text come first."""
+    state = _state(request)
+    needle = q.strip().lower()
+    service = _service(request)
+    found: list[int] = []
+    if needle.isdigit() and int(needle) in service.dense_of:
+        found.append(int(needle))
+    if needle:
+        starts = [i for i, t in state.search_keys if t.startswith(needle)]
+        inside = [i for i, t in state.search_keys if needle in t and not t.startswith(needle)]
+        found += [i for i in starts + inside if i not in found]
+    return SearchResponse(items=[ItemTitle(item_id=i, title=state.titles.get(i), known=True)
+                                 for i in found[:limit]], total_matches=len(found))
+
+
+@router.get("/items", response_model=ItemsResponse, tags=["items"], summary="Titles of item ids")
+def items(request: Request, ids: Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]],
+                                           Query(min_length=1, max_length=1000)]) -> ItemsResponse:
+    state = _state(request)
+    known = _service(request).dense_of
+    return ItemsResponse(items=[ItemTitle(item_id=i, title=state.titles.get(i), known=i in known)
+                                for i in ids])
+
+
 def create_app(settings: ApiSettings | None = None, **overrides: Any) -> FastAPI:
     """The FastAPI app. ``settings`` (or ``ApiSettings.from_env(**overrides)``) says where the
     export, Milvus and titles are; the model loads when the app starts (lifespan)."""
     s = settings or ApiSettings.from_env(**overrides)
+    Manifest.load(os.path.abspath(s.export_dir))  # no export: one clear error before serving
     state = _State(s)
-    # The request schemas need the model's dim: read it from the manifest (the model loads at startup).
-    from .export import Manifest
-
-    manifest = Manifest.load(os.path.abspath(s.export_dir))
-    models = _request_models(s, manifest.embedding_dim)
-    RecallRequest, InterestsRequest, UpsertRequest = models.recall, models.interests, models.upsert
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -287,203 +599,30 @@ def create_app(settings: ApiSettings | None = None, **overrides: Any) -> FastAPI
             logger.info("REST API stopped")
 
     errors = {400: {"model": ErrorBody, "description": "invalid request (the detail says why)"},
+              401: {"model": ErrorBody, "description": "the API token is missing or wrong"},
+              403: {"model": ErrorBody, "description": "another site's page may not change data"},
               413: {"model": ErrorBody, "description": "request body too large"},
+              415: {"model": ErrorBody, "description": "a mutating request needs a JSON body"},
               422: {"model": ErrorBody, "description": "request body does not match the schema"},
-              503: {"model": ErrorBody, "description": "Milvus cannot be reached or failed"}}
-    app = FastAPI(title="paddlerec-milvus REST API", version="1.0",
+              429: {"model": ErrorBody, "description": "overloaded: retry after Retry-After seconds"},
+              503: {"model": ErrorBody, "description": "Milvus cannot be reached, or the collection "
+                                                       "is missing or empty"}}
+    app = FastAPI(title="paddlerec-milvus REST API", version="1.1",
                   description="MIND multi-interest recall: a user's clicks -> K interest vectors -> "
                               "Milvus searches -> one merged list of raw item ids.",
                   lifespan=lifespan, responses=errors)
     app.state.api = state
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > s.max_body_bytes
-            except ValueError:
-                return JSONResponse({"detail": "invalid Content-Length header"}, status_code=400)
-            if too_big:
-                return JSONResponse({"detail": f"request body of {length} bytes is over the limit of "
-                                               f"{s.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        msg = f"{_field_path(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid request')}"
-        if first.get("type") == "json_invalid":
-            loc = first.get("loc", ())
-            where = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
-            why = (first.get("ctx") or {}).get("error", "parse error")
-            msg = f"the request body is not valid JSON ({why}{where})"
-        if "input" in first and first.get("type") not in ("missing", "list_too_long", "json_invalid"):
-            shown = repr(first["input"])
-            msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
-        if len(errs) > 1:
-            msg += f"; and {len(errs) - 1} more problem(s)"
-        slim = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errs[:20]]
-        return JSONResponse({"detail": msg, "errors": jsonable_encoder(slim)}, status_code=422)
-
-    @app.exception_handler(RequestError)
-    async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    @app.exception_handler(MilvusIndexError)
-    async def milvus_trouble(request: Request, exc: MilvusIndexError) -> JSONResponse:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc)
-        if state.service is not None:
-            state.service.reset_index()  # reconnect (or re-create a dropped collection) next time
-        return JSONResponse({"detail": str(exc)}, status_code=503)
-
-    def svc():
-        if state.service is None:
-            raise MilvusIndexError("cannot reach the model: the service is not started")
-        return state.service
-
-    def title_of(item: int) -> str | None:
-        return state.titles.get(item)
-
-    def ms(t0: float) -> float:
-        return round((time.perf_counter() - t0) * 1000, 2)
-
-    @app.post("/rec/recall", response_model=RecallResponse, tags=["recall"],
-              summary="Recall top_k items for each history row")
-    def recall(req: RecallRequest) -> RecallResponse:
-        """Each row of ``hist_item`` (a user's clicked raw item ids) -> K interest vectors ->
-        K Milvus searches -> one merged list of raw item ids, best first."""
-        t0 = time.perf_counter()
-        service = svc()
-        try:
-            ans = service.recall(req.hist_item, top_k=req.top_k, exclude_history=req.exclude_history,
-                                 filter=req.filter)
-        except MilvusIndexError as exc:
-            if req.filter and "cannot reach" not in str(exc):
-                raise RequestError(f"filter {req.filter[:100]!r} was rejected by Milvus: {exc}") from None
-            raise
-        titles = [[title_of(i) for i in row] for row in ans.items] if req.with_titles else None
-        return RecallResponse(items=ans.items, scores=ans.scores if req.with_scores else None,
-                              titles=titles, top_k=req.top_k, notes=ans.notes, took_ms=ms(t0))
-
-    @app.post("/rec/interests", response_model=InterestsResponse, tags=["recall"],
-              summary="The K interest vectors of each history row")
-    def interests(req: InterestsRequest) -> InterestsResponse:
-        """What recall searches Milvus with: ``[rows][K][dim]`` vectors from the user tower."""
-        vecs, notes = svc().interests(req.hist_item)
-        return InterestsResponse(interests=np.asarray(vecs, dtype=np.float64).tolist(), notes=notes)
-
-    def _write(ids: np.ndarray, vectors: np.ndarray) -> WriteResponse:
-        t0 = time.perf_counter()
-        service = svc()
-        with state.write_lock:
-            written = service.index.upsert(ids, vectors, progress=False)
-            count = service.index.count()
-        logger.info("upserted %d item vectors into %s (%d now)", written, service.collection, count)
-        return WriteResponse(written=written, count=count, collection=service.collection, took_ms=ms(t0))
-
-    @app.post("/rec/insert_data", response_model=WriteResponse, tags=["collection"],
-              summary="Write the exported model's item vectors into Milvus (idempotent)")
-    def insert_data() -> WriteResponse:
-        """Upsert every item vector of the exported model, keyed by raw item id. Re-running
-        never duplicates; after ``/rec/drop`` it re-creates the collection."""
-        service = svc()
-        vectors = np.load(os.path.join(service.export_dir, "item_vectors.npy"))
-        return _write(np.asarray(service.raw_ids[1:], dtype=np.int64), vectors)
-
-    @app.post("/rec/upsert_items", response_model=WriteResponse, tags=["collection"],
-              summary="Insert or replace item vectors (real-time new items)")
-    def upsert_items(req: UpsertRequest) -> WriteResponse:
-        """New or changed items are recallable by the next request."""
-        if len(req.item_id) != len(req.embedding):
-            raise RequestError(f"{len(req.item_id)} item ids but {len(req.embedding)} embeddings")
-        if len(set(req.item_id)) != len(req.item_id):
-            raise RequestError("item_id has duplicates")
-        vectors = np.asarray(req.embedding, dtype=np.float64)
-        if not np.all(np.isfinite(vectors.astype(np.float32))):
-            raise RequestError("embedding values must fit in float32 (|x| < 3.4e38)")
-        return _write(np.asarray(req.item_id, dtype=np.int64), vectors.astype(np.float32))
-
-    @app.post("/rec/count", response_model=CountResponse, tags=["collection"],
-              summary="Number of item vectors in the collection")
-    def count() -> CountResponse:
-        service = svc()
-        return CountResponse(count=service.index.count(), collection=service.collection)
-
-    def drop() -> DropResponse:
-        """Delete the collection and its data; ``/rec/insert_data`` re-creates it."""
-        service = svc()
-        with state.write_lock:
-            _clear(service.index)
-            service.reset_index()
-            left = service.index.count()  # re-created empty, so count and recall keep answering
-        return DropResponse(dropped=True, collection=service.collection, count=left)
-
-    for path in ("/rec/drop", "/qa/drop"):
-        app.post(path, response_model=DropResponse, tags=["collection"],
-                 summary="Delete the collection's data (count becomes 0)")(drop)
-
-    @app.get("/health", response_model=HealthResponse, tags=["service"],
-             responses={503: {"model": HealthResponse, "description": "Milvus cannot be reached"}})
-    def health() -> JSONResponse:
-        """Model loaded and Milvus reachable: 200; otherwise 503 with the reason."""
-        service = state.service
-        body: dict[str, Any] = {
-            "status": "degraded", "model_loaded": service is not None, "model_version": None,
-            "embedding_dim": None, "interests_per_user": None, "milvus_reachable": False,
-            "milvus_uri": None, "collection": None, "count": None, "error": None,
-            "limits": {"max_users": s.max_users, "max_history": s.max_history,
-                       "max_top_k": min(s.max_top_k, service.max_top_k if service else s.max_top_k),
-                       "default_top_k": s.default_top_k, "max_upsert": s.max_upsert}}
-        if service is None:
-            body["error"] = "model not loaded"
-            return JSONResponse(body, status_code=503)
-        m = service.manifest
-        body.update(model_version=m.model_version, embedding_dim=m.embedding_dim,
-                    interests_per_user=m.max_k, milvus_uri=service.uri, collection=service.collection)
-        try:
-            body["count"] = service.index.count()
-            body.update(milvus_reachable=True, status="ok")
-        except MilvusIndexError as exc:
-            service.reset_index()
-            body["error"] = str(exc)
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
-
-    @app.get("/items/search", response_model=SearchResponse, tags=["items"],
-             summary="Find items the model knows by part of their title (or by id)")
-    def search_items(q: Annotated[str, Query(min_length=1, max_length=200)],
-                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> SearchResponse:
-        """Case-insensitive substring match; titles that start with the text come first."""
-        needle = q.strip().lower()
-        service = svc()
-        found: list[int] = []
-        if needle.isdigit() and int(needle) in service.dense_of:
-            found.append(int(needle))
-        if needle:
-            starts = [i for i, t in state.search_keys if t.startswith(needle)]
-            inside = [i for i, t in state.search_keys if needle in t and not t.startswith(needle)]
-            found += [i for i in starts + inside if i not in found]
-        return SearchResponse(items=[ItemTitle(item_id=i, title=title_of(i), known=True)
-                                     for i in found[:limit]], total_matches=len(found))
-
-    @app.get("/items", response_model=ItemsResponse, tags=["items"], summary="Titles of item ids")
-    def items(ids: Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]],
-                             Query(min_length=1, max_length=1000)]) -> ItemsResponse:
-        known = svc().dense_of
-        return ItemsResponse(items=[ItemTitle(item_id=i, title=title_of(i), known=i in known)
-                                    for i in ids])
-
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(PaddleRecMilvusError, on_our_error)
+    app.include_router(router)
     static = s.static_dir
     if static and os.path.isfile(os.path.join(static, "index.html")):
         app.mount("/static", StaticFiles(directory=static), name="static")
-
-        @app.get("/", include_in_schema=False)
-        def page() -> FileResponse:
-            return FileResponse(os.path.join(static, "index.html"))
+        index_html = os.path.join(static, "index.html")
+        app.add_api_route("/", lambda: FileResponse(index_html), include_in_schema=False)
     else:
         logger.warning("no demo page (no index.html in %s)", static)
-
+    app.add_middleware(RequestGuard, settings=s)  # outermost of ours: bodies as they stream
     return app
 
 
@@ -494,6 +633,12 @@ def run_api(host: str = "127.0.0.1", port: int = 8000, export_dir: str | None = 
     import uvicorn
 
     settings = ApiSettings.from_env(export_dir=export_dir, milvus_uri=milvus_uri, collection=collection)
+    if host not in LOOPBACK_HOSTS and settings.allowed_hosts == LOOPBACK_HOSTS:
+        logger.warning("serving on %s: requests must name this machine in Host; set %sALLOWED_HOSTS "
+                       "(e.g. recall.example.com) or '*'", host, ENV)
+    if host not in LOOPBACK_HOSTS and not settings.api_token:
+        logger.warning("serving on %s without %sAPI_TOKEN: anyone who can reach it may drop the "
+                       "collection", host, ENV)
     app = create_app(settings)  # ConfigError (no export yet) surfaces as a one-line CLI error
     logger.info("REST API on http://%s:%d (demo page /, OpenAPI /docs)", host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,

@@ -1,9 +1,11 @@
 """The online recall service core: raw item ids in, raw item ids out.
 
-Loads an exported folder (inference model, item map, manifest) and the serving collection,
-validates requests, runs the user tower with ``paddle.inference`` and hands the K interest
-vectors to the same recall core as offline evaluation. The Paddle Serving Ops and the REST
-API both call ``RecallService``; neither knows about Paddle or Milvus details.
+Loads an exported folder (``serving_contract``: inference model, item map, manifest) and
+searches the collection that holds exactly that export's item vectors. Each request takes one
+``ModelVersion`` (user tower + item map + collection) and uses it from start to end, so an
+answer never mixes two exports. A new export of the folder is noticed by the manifest's stamp
+and loaded beside the old version, then swapped in between requests. The Paddle Serving Ops and
+the REST API both call ``RecallService``; neither knows about Paddle or Milvus details.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import RequestError
-from .export import Manifest
-from .milvus_index import MAX_TOP_K, ItemIndex, is_local_uri
+from .errors import (
+    CollectionUnavailable,
+    ConfigError,
+    MilvusIndexError,
+    MilvusUnavailable,
+    RequestError,
+)
+from .filter_expr import check_filter
+from .milvus_index import MAX_TOP_K, ItemIndex, deadline_scope, is_local_uri
 from .recall import UserRecall, recall_top_k
+from .serving_contract import Manifest, ServingLimits, manifest_stamp, read_export_item_map
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +41,7 @@ class RecallAnswer:
     items: list[list[int]]
     scores: list[list[float]]
     notes: list[str] = field(default_factory=list)
+    model_version: str = ""
 
 
 class UserTowerPredictor:
@@ -39,15 +50,23 @@ class UserTowerPredictor:
     def __init__(self, export_dir: str, manifest: Manifest, use_gpu: bool = False):
         import paddle.inference as pi
 
-        cfg = pi.Config(os.path.join(export_dir, manifest.model_file),
-                        os.path.join(export_dir, manifest.params_file))
+        model = os.path.join(export_dir, manifest.model_file)
+        params = os.path.join(export_dir, manifest.params_file)
+        for path in (model, params):
+            if not os.path.isfile(path):
+                raise ConfigError(f"export {export_dir} lacks {os.path.basename(path)}; re-export")
+        cfg = pi.Config(model, params)
         if use_gpu:
             cfg.enable_use_gpu(256, 0)
         else:
             cfg.disable_gpu()
             cfg.set_cpu_math_library_num_threads(1)
         cfg.disable_glog_info()
-        self._main = pi.create_predictor(cfg)
+        try:
+            self._main = pi.create_predictor(cfg)
+        except Exception as exc:  # Paddle's own errors are long C++ traces
+            raise ConfigError(f"cannot load the user tower from {export_dir}: "
+                              f"{str(exc).strip().splitlines()[-1][:200]}") from None
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -61,9 +80,8 @@ class UserTowerPredictor:
 
     def __call__(self, hist: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
         pred = self._predictor()
-        names = pred.get_input_names()
         feeds = {"hist_item": hist.astype(np.int64), "seq_len": seq_len.astype(np.int64)}
-        for name in names:
+        for name in pred.get_input_names():
             handle = pred.get_input_handle(name)
             handle.reshape(feeds[name].shape)
             handle.copy_from_cpu(feeds[name])
@@ -71,59 +89,163 @@ class UserTowerPredictor:
         return pred.get_output_handle(pred.get_output_names()[0]).copy_to_cpu()
 
 
-class RecallService:
-    """Validate histories, compute interests, search Milvus, merge: one call per request."""
+class ModelVersion:
+    """One export: its user tower, item map and the collection with its item vectors."""
 
-    def __init__(self, export_dir: str, milvus_uri: str | None = None, collection: str | None = None,
-                 token: str = "", max_users: int = 256, max_top_k: int = 1000,
-                 default_top_k: int = 50, use_gpu: bool = False,
-                 index_kwargs: dict[str, Any] | None = None):
-        self.export_dir = os.path.abspath(export_dir)
-        self.manifest = Manifest.load(self.export_dir)
-        self.max_users, self.default_top_k = max_users, default_top_k
-        self.max_top_k = min(max_top_k, MAX_TOP_K)
-        self.maxlen = self.manifest.maxlen
-        self.raw_ids = self._read_item_map()
+    def __init__(self, export_dir: str, stamp: Any, uri: str, collection: str | None, token: str,
+                 use_gpu: bool, index_kwargs: dict[str, Any]):
+        self.manifest = Manifest.load(export_dir)
+        self.stamp = stamp
+        m = self.manifest
+        self.raw_ids = read_export_item_map(export_dir, m.item_count)
         self.dense_of = {int(r): d for d, r in enumerate(self.raw_ids) if d > 0}
-        self.predictor = UserTowerPredictor(self.export_dir, self.manifest, use_gpu)
-        self.uri = milvus_uri or self.manifest.milvus_uri
-        self.collection = collection or self.manifest.collection
-        self._token = token
-        self._index_kwargs = dict(index_kwargs or {})
+        self.predictor = UserTowerPredictor(export_dir, m, use_gpu)
+        self.uri = uri
+        # The export's own collection (a server export writes one per version behind the alias):
+        # searching it, not the alias, keeps this version's tower and vectors together.
+        pinned = collection is None or collection == m.collection
+        self.collection = (m.physical_collection or m.collection) if pinned else collection
+        self._token, self._index_kwargs = token, index_kwargs
         self._index: ItemIndex | None = None
-        self._index_lock = threading.Lock()
-
-    def _read_item_map(self) -> np.ndarray:
-        raw = np.zeros(self.manifest.item_count, dtype=np.int64)
-        with open(os.path.join(self.export_dir, "item_map.tsv"), encoding="utf-8") as f:
-            next(f)
-            for line in f:
-                d, r = line.split("\t")
-                raw[int(d)] = int(r)
-        return raw
+        self._lock = threading.Lock()
 
     @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
     def index(self) -> ItemIndex:
-        """The Milvus index, (re)connected lazily so a Milvus outage heals by itself."""
-        with self._index_lock:
+        with self._lock:
             if self._index is None:
                 self._index = ItemIndex(self.uri, self.collection, self.manifest.embedding_dim,
                                         token=self._token, **self._index_kwargs)
             return self._index
 
     def reset_index(self) -> None:
-        with self._index_lock:
+        with self._lock:
             if self._index is not None:
                 self._index.close()
             self._index = None
 
-    def encode(self, histories: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+
+class RecallService:
+    """Validate histories, compute interests, search Milvus, merge: one call per request."""
+
+    def __init__(self, export_dir: str, milvus_uri: str | None = None, collection: str | None = None,
+                 token: str = "", limits: ServingLimits | None = None, use_gpu: bool = False,
+                 index_kwargs: dict[str, Any] | None = None, watch_interval_s: float = 1.0,
+                 scalar_fields: Sequence[str] = ()):
+        self.export_dir = os.path.abspath(export_dir)
+        self.limits = limits or ServingLimits()
+        self.max_top_k = min(self.limits.max_top_k, MAX_TOP_K)
+        self._uri_override, self._collection_override = milvus_uri or None, collection or None
+        self._token, self._use_gpu = token, use_gpu
+        self._index_kwargs = {"timeout": self.limits.milvus_timeout, "retries": self.limits.milvus_retries,
+                              "create": False, **(index_kwargs or {})}
+        self.scalar_fields = ("item_id", *scalar_fields)
+        self.watch_interval_s = watch_interval_s
+        self._versions: OrderedDict[str, ModelVersion] = OrderedDict()
+        self._swap_lock = threading.Lock()
+        self._loading = False
+        self._next_check = 0.0
+        self.last_load_error: str | None = None
+        self._current = self._load(manifest_stamp(self.export_dir))
+
+    # -- versions -------------------------------------------------------------------------
+    def _load(self, stamp: Any) -> ModelVersion:
+        m = Manifest.load(self.export_dir)
+        version = ModelVersion(self.export_dir, stamp, self._uri_override or m.milvus_uri,
+                               self._collection_override, self._token, self._use_gpu,
+                               self._index_kwargs)
+        with self._swap_lock:
+            self._versions[version.version] = version
+            while len(self._versions) > 2:  # the previous one stays for requests already on it
+                _, old = self._versions.popitem(last=False)
+                old.reset_index()
+        logger.info("serving model version %s (epoch %d) from %s; Milvus %s collection %s",
+                    version.version, m.epoch, self.export_dir, version.uri, version.collection)
+        return version
+
+    def current(self) -> ModelVersion:
+        """The version a new request uses; notices a new export (at most every watch interval)
+        and loads it in the background, swapping it in once it is ready."""
+        now = time.monotonic()
+        if now >= self._next_check and not self._loading:
+            self._next_check = now + self.watch_interval_s
+            stamp = manifest_stamp(self.export_dir)
+            if stamp is not None and stamp != self._current.stamp:
+                self._loading = True
+                threading.Thread(target=self._reload, args=(stamp,), daemon=True,
+                                 name="model-reload").start()
+        return self._current
+
+    def _reload(self, stamp: Any) -> None:
+        try:
+            version = self._load(stamp)
+            self._current = version  # one reference assignment: requests see old or new, never half
+            self.last_load_error = None
+        except Exception as exc:  # a half-written or broken export: keep serving the old one
+            self.last_load_error = f"new export at {self.export_dir} not loaded: {exc}"
+            logger.warning("%s; still serving %s", self.last_load_error, self._current.version)
+        finally:
+            self._loading = False
+
+    def refresh(self) -> ModelVersion:
+        """Load a new export now, if there is one (used when the current version's collection
+        is gone: an export elsewhere pruned it)."""
+        stamp = manifest_stamp(self.export_dir)
+        if stamp is not None and stamp != self._current.stamp:
+            self._reload(stamp)
+        return self._current
+
+    def version(self, name: str) -> ModelVersion:
+        """A version by name (the pipeline's second Op uses the one its first Op used)."""
+        with self._swap_lock:
+            found = self._versions.get(name)
+        if found is None:
+            raise MilvusUnavailable(f"model version {name} was replaced while this request ran; retry")
+        return found
+
+    # compatibility with callers that read these off the service
+    @property
+    def manifest(self) -> Manifest:
+        return self._current.manifest
+
+    @property
+    def dense_of(self) -> dict[int, int]:
+        return self._current.dense_of
+
+    @property
+    def raw_ids(self) -> np.ndarray:
+        return self._current.raw_ids
+
+    @property
+    def uri(self) -> str:
+        return self._current.uri
+
+    @property
+    def collection(self) -> str:
+        return self._current.collection
+
+    @property
+    def index(self) -> ItemIndex:
+        return self._current.index()
+
+    def reset_index(self) -> None:
+        for v in list(self._versions.values()):
+            v.reset_index()
+
+    # -- requests -------------------------------------------------------------------------
+    def encode(self, histories: Sequence[Sequence[Any]], version: ModelVersion | None = None
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Raw-id histories -> padded dense ids and lengths; bad input raises RequestError."""
+        v = version or self.current()
+        lim = self.limits
         if not isinstance(histories, (list, tuple)) or not histories:
             raise RequestError("hist_item must be a non-empty list of histories (lists of item ids)")
-        if len(histories) > self.max_users:
-            raise RequestError(f"{len(histories)} histories in one request; the limit is {self.max_users}")
-        hist = np.zeros((len(histories), self.maxlen), dtype=np.int64)
+        if len(histories) > lim.max_users:
+            raise RequestError(f"{len(histories)} histories in one request; the limit is {lim.max_users}")
+        maxlen = v.manifest.maxlen
+        hist = np.zeros((len(histories), maxlen), dtype=np.int64)
         seq_len = np.zeros(len(histories), dtype=np.int64)
         notes = []
         for row, items in enumerate(histories):
@@ -131,6 +253,9 @@ class RecallService:
                 raise RequestError(f"hist_item[{row}] must be a list of item ids, got {type(items).__name__}")
             if not items:
                 raise RequestError(f"hist_item[{row}] is empty: a user needs at least one clicked item")
+            if len(items) > lim.max_history:
+                raise RequestError(f"hist_item[{row}] has {len(items)} items; the limit is "
+                                   f"{lim.max_history} (only the latest {maxlen} are used)")
             dense = []
             unknown = []
             for col, raw in enumerate(items):
@@ -138,7 +263,7 @@ class RecallService:
                     raise RequestError(f"hist_item[{row}][{col}] = {raw!r} is not an integer item id")
                 if raw < 0:
                     raise RequestError(f"hist_item[{row}][{col}] = {raw} is negative")
-                d = self.dense_of.get(int(raw))
+                d = v.dense_of.get(int(raw))
                 if d is None:
                     unknown.append(int(raw))
                 else:
@@ -148,50 +273,115 @@ class RecallService:
             if not dense:
                 raise RequestError(f"hist_item[{row}]: none of its item ids is known to the model "
                                    f"(unknown: {unknown[:20]})")
-            dense = dense[-self.maxlen:]
+            dense = dense[-maxlen:]
             hist[row, :len(dense)] = dense
             seq_len[row] = len(dense)
         return hist, seq_len, notes
 
     def check_top_k(self, top_k: Any) -> int:
         if top_k is None:
-            return self.default_top_k
+            return self.limits.default_top_k
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
             raise RequestError(f"top_k = {top_k!r} must be an integer")
         if not 1 <= top_k <= self.max_top_k:
             raise RequestError(f"top_k = {top_k} out of range 1..{self.max_top_k}")
         return int(top_k)
 
-    def interests(self, histories: Sequence[Sequence[Any]]) -> tuple[np.ndarray, list[str]]:
-        hist, seq_len, notes = self.encode(histories)
-        return self.predictor(hist, seq_len), notes
+    def check_filter(self, filter: Any) -> str | None:
+        """Our own grammar, before Milvus sees it (Lite ignores trailing junk)."""
+        if filter is None:
+            return None
+        return check_filter(filter, self.scalar_fields) or None
+
+    def interests(self, histories: Sequence[Sequence[Any]], version: ModelVersion | None = None
+                  ) -> tuple[np.ndarray, list[str]]:
+        v = version or self.current()
+        hist, seq_len, notes = self.encode(histories, v)
+        return v.predictor(hist, seq_len), notes
 
     def search(self, interests: np.ndarray, histories: Sequence[Sequence[Any]], top_k: int,
-               exclude_history: bool = False, filter: str | None = None) -> list[UserRecall]:
-        """The Milvus half: K vectors per user -> merged raw-id lists."""
-        if filter is not None and not isinstance(filter, str):
-            raise RequestError("filter must be a Milvus boolean expression string")
-        for attempt in range(4):
-            results = recall_top_k(self.index, interests, top_k,
-                                   histories=[set(h) for h in histories], exclude_history=exclude_history,
-                                   filter=filter or None)
-            # A search racing an alias switch on a Milvus server can come back empty for a moment
-            # (milvus-io/milvus#25662, #52351): without a filter, an empty answer from a server is
-            # that (or an empty collection), so ask again a few times.
-            if filter or all(r.ids for r in results) or is_local_uri(self.uri) or attempt == 3:
-                return results
-            time.sleep(0.05 * 2 ** attempt)
-        return results
+               exclude_history: bool = False, filter: str | None = None,
+               version: ModelVersion | None = None) -> list[UserRecall]:
+        """The Milvus half: K vectors per user -> merged raw-id lists, within one deadline.
+
+        A failure is typed: ``MilvusUnavailable`` (down, restarting: the index reconnects, and a
+        dead Milvus Lite child is restarted, on the next call) or ``CollectionUnavailable``
+        (dropped, empty, not exported). An answer is never silently empty."""
+        v = version or self.current()
+        filter = self.check_filter(filter)
+        with deadline_scope(self.limits.milvus_timeout):
+            for attempt in range(2):
+                try:
+                    results = recall_top_k(v.index(), interests, top_k,
+                                           histories=[set(h) for h in histories],
+                                           exclude_history=exclude_history, filter=filter)
+                    if not filter and not all(r.ids for r in results):
+                        self._explain_empty(v)
+                    return results
+                except MilvusUnavailable:
+                    v.reset_index()  # reconnect (and restart a dead Lite child) on the retry
+                    if attempt == 1:
+                        raise
+                except CollectionUnavailable:
+                    v.reset_index()
+                    newer = self.refresh()
+                    if newer is v or attempt == 1:
+                        raise
+                    v = newer  # the old version's collection was pruned: use the new export
+        raise AssertionError("unreachable")
+
+    def _explain_empty(self, v: ModelVersion) -> None:
+        """Some user got no item without a filter: say why instead of answering []."""
+        n = v.index().count()
+        if n == 0:
+            raise CollectionUnavailable(
+                f"collection {v.collection!r} at {v.uri} is empty (dropped?); refill it with "
+                "POST /rec/insert_data or re-export")
+        raise MilvusUnavailable(f"collection {v.collection!r} holds {n} items but Milvus returned none "
+                                "(still loading after a restart?); retry shortly")
 
     def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                exclude_history: bool = False, filter: str | None = None) -> RecallAnswer:
+        v = self.current()
         top_k = self.check_top_k(top_k)
-        vecs, notes = self.interests(histories)
-        results = self.search(vecs, histories, top_k, exclude_history, filter)
+        filter = self.check_filter(filter)
+        vecs, notes = self.interests(histories, v)
+        results = self.search(vecs, histories, top_k, exclude_history, filter, v)
         short = [i for i, r in enumerate(results) if len(r.ids) < top_k]
         if short and filter:
             notes.append(f"filter left fewer than top_k={top_k} items for rows {short[:20]}")
-        return RecallAnswer([r.ids for r in results], [r.scores for r in results], notes)
+        return RecallAnswer([r.ids for r in results], [r.scores for r in results], notes, v.version)
+
+    def health(self) -> dict[str, Any]:
+        """What /health and the pipeline report: "ok" only when recall would answer items."""
+        v = self.current()
+        out: dict[str, Any] = {"status": "degraded", "model_version": v.version, "milvus_uri": v.uri,
+                               "collection": v.collection, "milvus_reachable": False, "count": None,
+                               "error": None}
+        try:
+            with deadline_scope(self.limits.milvus_timeout):
+                index = v.index()
+                out["count"] = index.count()
+                out["milvus_reachable"] = True
+                alias = v.manifest.collection
+                if not is_local_uri(v.uri) and alias != v.collection:
+                    out["alias_target"] = index.alias_target(alias)
+        except MilvusIndexError as exc:
+            v.reset_index()
+            out["milvus_reachable"] = not isinstance(exc, MilvusUnavailable)
+            out["error"] = str(exc)
+            return out
+        if out["count"] == 0:
+            out["error"] = f"collection {v.collection!r} is empty: recall would fail"
+        elif self.last_load_error:
+            out["error"] = self.last_load_error
+        elif out.get("alias_target") not in (None, v.collection):
+            out["error"] = (f"serving {v.collection} but alias {v.manifest.collection} points at "
+                            f"{out['alias_target']}: the export folder {self.export_dir} is not the "
+                            "latest export")
+        else:
+            out["status"] = "ok"
+        return out
 
     def close(self) -> None:
         self.reset_index()
