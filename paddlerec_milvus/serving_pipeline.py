@@ -34,13 +34,23 @@ from typing import Any
 import yaml
 
 from . import paddle_serving_compat as compat
-from .errors import ConfigError, MilvusIndexError, PaddleRecMilvusError, RequestError
+from .errors import (
+    ConfigError,
+    MilvusIndexError,
+    MilvusRequestRejected,
+    MilvusUnavailable,
+    Overloaded,
+    PaddleRecMilvusError,
+    RequestError,
+)
+from .serving_contract import Manifest, ServingLimits
 
 logger = logging.getLogger(__name__)
 
 ERR_BAD_REQUEST = 51
 ERR_MILVUS = 52
 ERR_INTERNAL = 53
+ERR_OVERLOADED = 54
 REQUEST_KEYS = ("hist_item", "top_k", "exclude_history", "filter")
 RESPONSE_KEYS = ("items", "scores", "notes", "model_version")
 TOWER_OP, RECALL_OP = "user_tower", "recall"
@@ -48,7 +58,7 @@ EXIT_GRACE_S = 10.0
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "recall",  # HTTP path: /<name>/prediction
-    "host": "0.0.0.0",  # where the gRPC server binds (the HTTP gateway binds all interfaces)
+    "host": "127.0.0.1",  # where the gRPC server and the HTTP gateway bind
     "rpc_port": 9998,
     "http_port": 18082,
     "worker_num": 4,
@@ -62,14 +72,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "milvus_uri": "",  # "" = the export's (manifest.json)
         "collection": "",
         "token": "",
-        "default_top_k": 50,
-        "max_top_k": 1000,
-        "max_users": 64,
-        "max_history": 10000,
         "use_gpu": False,
         "search_params": {},
-        "milvus_timeout": 3.0,  # seconds per Milvus call (a request fails fast while Milvus is down)
-        "milvus_retries": 1,  # retries of a transient Milvus failure
+        "scalar_fields": [],  # INT64 fields of the collection that filters may name (item_id always)
+        # the serving limits (paddlerec_milvus.serving_contract.ServingLimits), same as the REST API's
+        **ServingLimits().as_dict(),
     },
 }
 
@@ -153,9 +160,12 @@ def load_serving_config(path: str) -> ServingConfig:
         if not isinstance(c.get("concurrency", 1), int) or c.get("concurrency", 1) < 1:
             raise ConfigError(f"{path}: op.{op}.concurrency must be an integer >= 1")
     rec = conf["recall"]
-    for key in ("default_top_k", "max_top_k", "max_users", "max_history"):
-        if isinstance(rec[key], bool) or not isinstance(rec[key], int) or rec[key] < 1:
-            raise ConfigError(f"{path}: recall.{key} = {rec[key]!r} must be an integer >= 1")
+    limit_names = set(ServingLimits().as_dict())
+    try:
+        rec["limits"] = ServingLimits().with_values(path, {k: rec.pop(k) for k in list(rec)
+                                                           if k in limit_names})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: recall: {exc}") from None
     rec["export_dir"] = _abs(base, rec["export_dir"])
     if rec.get("milvus_uri"):
         rec["milvus_uri"] = _abs(base, rec["milvus_uri"])
@@ -177,12 +187,9 @@ def make_service(recall: Mapping[str, Any]):
     return RecallService(
         recall["export_dir"], milvus_uri=recall.get("milvus_uri") or None,
         collection=recall.get("collection") or None, token=recall.get("token") or "",
-        max_users=recall["max_users"], max_top_k=recall["max_top_k"],
-        default_top_k=recall["default_top_k"], use_gpu=bool(recall.get("use_gpu")),
-        index_kwargs={"search_params": recall.get("search_params") or {},
-                      "timeout": float(recall.get("milvus_timeout") or 3.0),
-                      "retries": int(recall.get("milvus_retries") or 0),
-                      "create": False})  # a missing collection is an error, not an empty new one
+        limits=recall["limits"], use_gpu=bool(recall.get("use_gpu")),
+        scalar_fields=list(recall.get("scalar_fields") or ()),
+        index_kwargs={"search_params": recall.get("search_params") or {}})
 
 
 # -- the wire format ------------------------------------------------------------------------
@@ -230,7 +237,7 @@ def _json_field(name: str, value: Any) -> Any:
                            f"{value[:80]!r}") from None
 
 
-def parse_request(fields: Mapping[str, Any], max_history: int = 10000) -> RecallRequest:
+def parse_request(fields: Mapping[str, Any], max_history: int = ServingLimits().max_history) -> RecallRequest:
     """Pipeline request fields -> RecallRequest; ids and top_k are checked by RecallService."""
     unknown = [k for k in fields if k not in REQUEST_KEYS and not k.startswith("pipeline.")]
     if unknown:
@@ -264,14 +271,14 @@ def parse_request(fields: Mapping[str, Any], max_history: int = 10000) -> Recall
     return req
 
 
-def _error(exc: BaseException, service: Any) -> tuple[int, str]:
-    """An exception -> (err_no, message). Milvus connection trouble resets the index so a later
-    request reconnects."""
-    if isinstance(exc, RequestError):
+def _error(exc: BaseException) -> tuple[int, str]:
+    """An exception -> (err_no, message): the typed errors mapped once for the pipeline. The
+    service itself reconnects after Milvus trouble."""
+    if isinstance(exc, (RequestError, MilvusRequestRejected)):
         return ERR_BAD_REQUEST, f"bad request: {exc}"
+    if isinstance(exc, Overloaded):
+        return ERR_OVERLOADED, f"overloaded: {exc}"
     if isinstance(exc, MilvusIndexError):
-        if service is not None and "cannot reach" in str(exc):
-            service.reset_index()
         return ERR_MILVUS, f"Milvus error: {exc}"
     if isinstance(exc, PaddleRecMilvusError):
         return ERR_INTERNAL, str(exc)
@@ -307,13 +314,16 @@ def op_classes() -> tuple[type, type]:
         def preprocess(self, input_dicts, data_id=0, log_id=0):
             try:
                 req = parse_request(self._one(input_dicts), self.max_history)
+                version = self.service.current()
                 top_k = self.service.check_top_k(req.top_k)
-                interests, notes = self.service.interests(req.histories)
+                filter = self.service.check_filter(req.filter)
+                interests, notes = self.service.interests(req.histories, version)
             except Exception as exc:
-                return (None, True, *_error(exc, self.service))
+                return (None, True, *_error(exc))
+            # the version travels with the request: the recall Op searches that export's vectors
             return ({"interests": interests, "histories": req.histories, "top_k": top_k,
-                     "exclude_history": req.exclude_history, "filter": req.filter, "notes": notes},
-                    True, None, "")
+                     "exclude_history": req.exclude_history, "filter": filter, "notes": notes,
+                     "model_version": version.version}, True, None, "")
 
     class RecallOp(_ServiceOp):
         """K Milvus searches per user, merged (RecallService.search); encode the answer."""
@@ -321,10 +331,11 @@ def op_classes() -> tuple[type, type]:
         def preprocess(self, input_dicts, data_id=0, log_id=0):
             data = self._one(input_dicts)
             try:
+                version = self.service.version(data["model_version"])
                 results = self.service.search(data["interests"], data["histories"], data["top_k"],
-                                              data["exclude_history"], data["filter"])
+                                              data["exclude_history"], data["filter"], version)
             except Exception as exc:
-                return (None, True, *_error(exc, self.service))
+                return (None, True, *_error(exc))
             notes = list(data["notes"])
             short = [i for i, r in enumerate(results) if len(r.ids) < data["top_k"]]
             if short and data["filter"]:
@@ -332,7 +343,7 @@ def op_classes() -> tuple[type, type]:
             return ({"items": json.dumps([r.ids for r in results]),
                      "scores": json.dumps([[round(s, 6) for s in r.scores] for r in results]),
                      "notes": json.dumps(notes),
-                     "model_version": self.service.manifest.model_version}, True, None, "")
+                     "model_version": version.version}, True, None, "")
 
     return UserTowerOp, RecallOp
 
@@ -350,7 +361,7 @@ def build_dag(config: ServingConfig, service: Any = None) -> tuple[Any, list[Any
     for op in (tower, recall):
         op.service = service
         op.service_factory = functools.partial(make_service, config.recall)
-        op.max_history = int(config.recall["max_history"])
+        op.max_history = int(config.recall["limits"].max_history)
     return pipeline.ResponseOp(input_ops=[recall]), [tower, recall]
 
 
@@ -365,7 +376,6 @@ class RecallPipelineServer:
         self.items = -1
 
     def _check(self) -> tuple[str, str]:
-        from .export import Manifest
         from .milvus_index import is_local_uri
 
         manifest = Manifest.load(self.config.recall["export_dir"])
@@ -395,9 +405,7 @@ class RecallPipelineServer:
                     op.service = self.service
                 try:
                     self.items = self.service.index.count()
-                except MilvusIndexError as exc:
-                    if "cannot reach" not in str(exc):
-                        raise  # reachable but wrong (no such collection, other dim...): fail now
+                except MilvusUnavailable as exc:
                     self.service.reset_index()
                     logger.warning("Milvus is not reachable now (%s); requests answer err_no %d until "
                                    "it is back", exc, ERR_MILVUS)

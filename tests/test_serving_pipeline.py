@@ -29,6 +29,7 @@ from http_client import post_fields, recall_http  # noqa: E402
 
 from benchmarks.common import descendants  # noqa: E402
 from paddlerec_milvus.milvus_server import free_port  # noqa: E402
+from paddlerec_milvus.serving_contract import ServingLimits  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 MAX_TOP_K, MAX_USERS = 200, 8
@@ -271,7 +272,7 @@ def lite_ref(lite_export):
     from paddlerec_milvus.service import RecallService
 
     svc = RecallService(lite_export["export_dir"], milvus_uri=lite_export["ref_uri"],
-                        max_top_k=MAX_TOP_K, max_users=MAX_USERS)
+                        limits=ServingLimits(max_top_k=MAX_TOP_K, max_users=MAX_USERS))
     yield svc
     svc.close()
 
@@ -337,6 +338,9 @@ BAD_REQUESTS = [
     ({"hist_item": "GOOD", "topk": "5"}, "unknown request keys ['topk']"),
     ({"hist_item": "GOOD", "exclude_history": '"yes"'}, "must be true or false"),
     ({"hist_item": json.dumps([[5468]] * (MAX_USERS + 1))}, f"the limit is {MAX_USERS}"),
+    ({"hist_item": "GOOD", "filter": "item_id < 1000 adn item_id > 500"}, "'adn'"),
+    ({"hist_item": "GOOD", "filter": "item_id < 0; drop"}, "';'"),
+    ({"hist_item": "GOOD", "filter": "category == 3"}, "unknown field 'category'"),
 ]
 
 
@@ -405,7 +409,8 @@ def relay(milvus_server):
 def server_ref(exported_demo_server):
     from paddlerec_milvus.service import RecallService
 
-    svc = RecallService(exported_demo_server["export_dir"], max_top_k=MAX_TOP_K, max_users=MAX_USERS)
+    svc = RecallService(exported_demo_server["export_dir"],
+                        limits=ServingLimits(max_top_k=MAX_TOP_K, max_users=MAX_USERS))
     yield svc
     svc.close()
 
