@@ -13,10 +13,16 @@ from .errors import ConfigError
 
 
 def save_checkpoint(model, optimizer, save_path: str, epoch: int, info: dict | None = None) -> str:
-    """Write params (+ optimizer state) for ``epoch`` atomically; returns the folder."""
-    os.makedirs(save_path, exist_ok=True)
+    """Write params (+ optimizer state) for ``epoch`` atomically; returns the folder.
+
+    A folder that cannot be written (read-only, a file in the way, disk full) is a ConfigError
+    naming it."""
     final = os.path.join(save_path, str(epoch))
-    tmp = tempfile.mkdtemp(prefix=f".{epoch}.tmp-", dir=save_path)
+    try:
+        os.makedirs(save_path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{epoch}.tmp-", dir=save_path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write checkpoint to {final}: {_reason(exc)}") from None
     try:
         paddle.save(model.state_dict(), os.path.join(tmp, "rec.pdparams"))
         if optimizer is not None:
@@ -28,10 +34,29 @@ def save_checkpoint(model, optimizer, save_path: str, epoch: int, info: dict | N
             shutil.rmtree(final)
         os.chmod(tmp, 0o755)
         os.rename(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"cannot write checkpoint to {final}: {_reason(exc)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def ensure_writable(save_path: str) -> None:
+    """Fail before training, not after the first epoch, when ``save_path`` cannot be written."""
+    try:
+        os.makedirs(save_path, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=save_path))
+    except OSError as exc:
+        raise ConfigError(f"cannot write checkpoints to {save_path}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause: ``Permission denied``, ``Not a directory``, or the first line of the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def checkpoint_dir(path: str, epoch: int | None = None) -> str:
@@ -51,20 +76,42 @@ def latest_epoch(save_path: str) -> int | None:
     return max(epochs) if epochs else None
 
 
+def _load_state(path: str) -> dict:
+    """``paddle.load`` of a state dict; a truncated or foreign file is a ConfigError, no trace."""
+    try:
+        state = paddle.load(path)
+    except OSError as exc:
+        raise ConfigError(f"checkpoint {path} cannot be read ({_reason(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - paddle.load raises ValueError, EOFError, pickle errors...
+        reason = _reason(exc)
+        if "can not parse" in reason:
+            reason = "paddle.load cannot parse it"
+        elif isinstance(exc, EOFError):
+            reason = "unexpected end of file"
+        raise ConfigError(f"checkpoint {path} cannot be read ({reason}); it may be truncated: "
+                          "re-train or pick another epoch") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {path} cannot be read (holds a {type(state).__name__}, not a "
+                          "state dict); it may be truncated: re-train or pick another epoch")
+    return state
+
+
 def load_checkpoint(model, folder: str, optimizer=None) -> None:
     """Load params (and optimizer state when given and present); shape mismatches are clear."""
-    state = paddle.load(os.path.join(folder, "rec.pdparams"))
+    folder = checkpoint_dir(folder)
+    state = _load_state(os.path.join(folder, "rec.pdparams"))
     own = model.state_dict()
     for name, value in state.items():
-        if name in own and list(own[name].shape) != list(value.shape):
+        shape = getattr(value, "shape", None)
+        if name in own and shape is not None and list(own[name].shape) != list(shape):
             raise ConfigError(
-                f"checkpoint {folder}: {name} has shape {list(value.shape)}, the model expects "
+                f"checkpoint {folder}: {name} has shape {list(shape)}, the model expects "
                 f"{list(own[name].shape)} (item_count / embedding_dim / maxlen / max_k differ?)"
             )
     model.set_state_dict(state)
     opt_path = os.path.join(folder, "rec.pdopt")
     if optimizer is not None and os.path.isfile(opt_path):
-        optimizer.set_state_dict(_rename_optimizer_state(model, folder, paddle.load(opt_path)))
+        optimizer.set_state_dict(_rename_optimizer_state(model, folder, _load_state(opt_path)))
 
 
 def _rename_optimizer_state(model, folder: str, state: dict) -> dict:

@@ -32,6 +32,14 @@ def _run(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespac
     except PaddleRecMilvusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or folder that cannot be read or written: name it
+        logger.debug("OSError", exc_info=True)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if exc.filename is not None:
+            where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+            reason = f"{where}: {reason}"
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -77,7 +85,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     configure_cpu_threads(config)
+    from .checkpoint import ensure_writable
     from .runner import train
+
+    ensure_writable(config.get("runner.model_save_path") or "output_model")
 
     summary = train(config)
     for e in summary.epochs:

@@ -32,6 +32,79 @@ PATH_KEYS = (
 )
 SECTIONS = ("runner", "hyper_parameters", "workspace", "milvus", "serving")
 
+# Every key a model config (or a Milvus profile, or ``-o``) may set: the keys this package, the
+# model zoo (models/mind/*.py) and benchmarks/ read, the keys of the shipped YAML files, and the
+# runner keys PaddleRec's own tools read. Anything else is a typo and an error, with the closest
+# known key suggested. A new key read anywhere must be added here.
+KNOWN_KEYS = frozenset({
+    # runner: data, batches, epochs, checkpoints
+    "runner.train_data_dir", "runner.train_reader_path", "runner.train_batch_size",
+    "runner.batches_per_epoch", "runner.epochs", "runner.seed", "runner.print_interval",
+    "runner.model_save_path", "runner.model_init_path",
+    "runner.test_data_dir", "runner.infer_reader_path", "runner.infer_batch_size",
+    "runner.infer_load_path", "runner.infer_start_epoch", "runner.infer_end_epoch",
+    "runner.valid_data_dir", "runner.valid_metric", "runner.early_stop_patience",
+    "runner.valid_max_users", "runner.cpu_threads", "runner.use_gpu", "runner.use_fleet",
+    "runner.metrics_output_path", "runner.item_map_path", "runner.export_path",
+    "runner.rank", "runner.world_size",  # set by the runner for distributed readers
+    # runner keys PaddleRec's tools read (accepted so PaddleRec configs load unchanged)
+    "runner.use_visual", "runner.use_auc", "runner.use_xpu", "runner.use_npu",
+    "runner.use_inference", "runner.save_inference_feed_varnames",
+    "runner.save_inference_fetch_varnames", "runner.thread_num", "runner.reader_type",
+    "runner.sync_mode", "runner.split_file_list", "runner.geo_step",
+    # hyper_parameters of MIND (models/mind/dygraph_model.py, net.py, the readers)
+    "hyper_parameters.optimizer.class", "hyper_parameters.optimizer.learning_rate",
+    "hyper_parameters.optimizer.lazy_mode",
+    "hyper_parameters.item_count", "hyper_parameters.embedding_dim", "hyper_parameters.hidden_size",
+    "hyper_parameters.neg_samples", "hyper_parameters.maxlen", "hyper_parameters.pow_p",
+    "hyper_parameters.capsual.iters", "hyper_parameters.capsual.max_k",
+    "hyper_parameters.capsual.init_std", "hyper_parameters.capsual.softmax_axis",
+    "hyper_parameters.capsual.normalize_update",
+    # milvus (model configs and configs/*.yaml profiles)
+    "milvus.uri", "milvus.token", "milvus.collection", "milvus.serving_collection",
+    "milvus.index_type", "milvus.index_params", "milvus.search_params", "milvus.metric",
+    "milvus.batch_size", "milvus.upsert_workers", "milvus.consistency_level",
+    "milvus.scalar_fields", "milvus.timeout", "milvus.profile", "milvus.profile_path",
+    # set by load_config itself
+    "config_abs_dir", "config_path",
+})
+# Free-form maps (Milvus index/search parameters) and PaddleRec's ``workspace`` section.
+FREE_FORM_PREFIXES = ("milvus.index_params.", "milvus.search_params.", "workspace.")
+FREE_FORM_KEYS = ("workspace",)
+
+
+def is_known_key(key: str) -> bool:
+    return key in KNOWN_KEYS or key in FREE_FORM_KEYS or key.startswith(FREE_FORM_PREFIXES)
+
+
+def suggest_key(key: str) -> str | None:
+    """The known key closest to ``key``: a sibling first, then any key, then by the last part."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in KNOWN_KEYS if k.rpartition(".")[0] == parent]
+    close = (difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+             or difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6))
+    if close:
+        return close[0]
+    leaves: dict[str, str] = {}
+    for k in sorted(KNOWN_KEYS):
+        leaves.setdefault(k.rpartition(".")[2], k)
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[close[0]] if close else None
+
+
+def _unknown_key_message(key: str) -> str:
+    close = suggest_key(key)
+    return f"unknown key {key!r}" + (f" (did you mean {close!r}?)" if close else "")
+
+
+def check_keys(config: Mapping[str, Any], path: str) -> None:
+    """A ConfigError naming ``path``, the first unknown key and the closest known one."""
+    unknown = [k for k in config if not is_known_key(k)]
+    if not unknown:
+        return
+    more = f"; also unknown: {', '.join(map(repr, unknown[1:]))}" if len(unknown) > 1 else ""
+    raise ConfigError(f"{path}: {_unknown_key_message(unknown[0])}{more}")
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mapping -> {"a.b.c": value}, as PaddleRec's load_yaml does."""
@@ -75,7 +148,7 @@ def _cast(key: str, raw: str, current: Any) -> Any:
 
 
 def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings; unknown keys are an error with a suggestion."""
+    """Apply ``key=value`` strings; a key unknown to KNOWN_KEYS is an error with a suggestion."""
     for item in overrides or ():
         item = item.strip()
         if "=" not in item:
@@ -83,17 +156,8 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
         key, raw = item.split("=", 1)
         key = key.strip()
         if key not in config:
-            if not any(key.startswith(s + ".") for s in SECTIONS):
-                close = difflib.get_close_matches(key, list(config), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"override of unknown key {key!r}{hint}")
-            # A new key in a known section is fine unless it looks like a typo of a sibling.
-            parent, _, leaf = key.rpartition(".")
-            siblings = {k.rpartition(".")[2]: k for k in config if k.rpartition(".")[0] == parent}
-            close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.8)
-            if close:
-                raise ConfigError(
-                    f"override of unknown key {key!r} (did you mean {siblings[close[0]]!r}?)")
+            if not is_known_key(key):
+                raise ConfigError(f"override of {_unknown_key_message(key)}")
             config[key] = yaml.safe_load(raw) if raw else None
             continue
         config[key] = _cast(key, raw, config[key])
@@ -158,6 +222,7 @@ def _apply_profile(config: dict[str, Any], overrides: Iterable[str]) -> None:
     unknown = [k for k in profile if not k.startswith("milvus.")]
     if unknown:
         raise ConfigError(f"{path}: a Milvus profile holds only a 'milvus:' section, found {unknown}")
+    check_keys(profile, path)
     # The profile defines the index entirely: drop the model config's index/search params.
     for key in [k for k in config if k.startswith(("milvus.index_params.", "milvus.search_params."))]:
         del config[key]
@@ -169,6 +234,7 @@ def _apply_profile(config: dict[str, Any], overrides: Iterable[str]) -> None:
 def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
     """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
     config = _read_yaml(path)
+    check_keys(config, path)
     config["config_abs_dir"] = os.path.dirname(os.path.abspath(path))
     config["config_path"] = os.path.abspath(path)
     overrides = list(overrides or ())
