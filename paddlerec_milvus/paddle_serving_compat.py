@@ -7,8 +7,10 @@ Python 3.11"):
 1. ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python`` before ``google.protobuf`` is imported: its
    generated ``_pb2`` files predate protobuf 4 and fail on the upb backend. Set when this module
    is imported, so import it first.
-2. A stand-in ``paddle_serving_client`` module: the pipeline imports it at import time, but its
-   0.9 wheels stop at Python 3.9 and local Ops never use it.
+2. Stand-ins for two modules Paddle Serving imports at import time and the pipeline never uses:
+   ``paddle_serving_client`` (its 0.9 wheels stop at Python 3.9; local Ops never call it) and
+   ``paddle_serving_server.env_check.run`` (the ``serve check`` self-test; it imports ``pytest``,
+   which a runtime install does not have).
 3. ``paddle`` and ``paddle.inference`` imported in the main thread before the server starts:
    importing them in an Op's thread while the server forks its HTTP gateway can deadlock.
 4. Its side effects contained: ``PipelineServingLogs/`` and ``ProcessInfo.json`` go to a chosen
@@ -17,17 +19,26 @@ Python 3.11"):
 5. Its children stopped: the Go HTTP gateway ignores SIGTERM, so it is killed; worker and Op
    processes are terminated, then killed; all of them are told to die with the server. On an
    init error Paddle Serving SIGKILLs its whole process group: here only its own process.
+6. Its exposure contained: the gRPC server binds the configured host and takes messages up to
+   ``max_body_bytes`` (it took 256 MB); a request whose ``key`` and ``value`` lists do not pair
+   up, that repeats a key, or carries a tensor Paddle Serving would choke on (or unpickle:
+   elem_type 13) is answered err_no 51 before the DAG runs (``pipeline_gateway.request_problem``).
+   The HTTP gateway is by default ``pipeline_gateway`` (a Python process: binds the configured
+   host, body limit, 400 on malformed JSON); ``gateway="go"`` keeps Paddle Serving's, which binds
+   every interface whatever the host and reads bodies of any size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,12 +51,18 @@ from typing import Any
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 from .errors import PaddleRecMilvusError  # noqa: E402 - after the protobuf setting, on purpose
+from .pipeline_gateway import (  # noqa: E402
+    DEFAULT_MAX_BODY_BYTES,
+    ERR_BAD_REQUEST,
+    READY_PATH,
+    request_problem,
+    rpc_target,
+)
 
 logger = logging.getLogger(__name__)
 _PIPELINE_LOGGER = "paddle_serving_server"
 _PRINTING_MODULES = ("pipeline_client", "operator", "pipeline_server", "dag", "error_catch", "analyse")
-_GRPC_OPTIONS = [("grpc.max_send_message_length", 256 * 1024 * 1024),
-                 ("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+GATEWAYS = ("python", "go")
 _load_lock = threading.Lock()
 
 
@@ -84,6 +101,24 @@ def _install_client_stand_in() -> None:
 
     stand_in.Client = Client
     sys.modules["paddle_serving_client"] = stand_in
+
+
+def _install_env_check_stand_in() -> None:
+    """``paddle_serving_server/__init__`` imports ``serve``, which imports ``env_check.run``
+    (``python -m paddle_serving_server.serve check``: Paddle Serving's pytest self-test), which
+    imports ``pytest``: a test tool the pipeline never runs. The stand-in has its one name."""
+    name = "paddle_serving_server.env_check.run"
+    if name in sys.modules:
+        return
+    stand_in = types.ModuleType(name)
+    stand_in.__doc__ = "Stand-in installed by paddlerec_milvus.paddle_serving_compat (needs no pytest)."
+
+    def check_env(*args: Any, **kwargs: Any) -> None:
+        raise ServingCompatError("Paddle Serving's environment self-test (serve check) is not available "
+                                 "with paddlerec_milvus: it runs pytest suites the project does not ship")
+
+    stand_in.check_env = check_env
+    sys.modules[name] = stand_in
 
 
 def preload_paddle() -> None:
@@ -146,6 +181,7 @@ def load_pipeline(log_dir: str | None = None, log_level: int = logging.ERROR,
             return loaded
         _check_protobuf()
         _install_client_stand_in()
+        _install_env_check_stand_in()
         home = os.path.abspath(log_dir) if log_dir else os.path.join(
             tempfile.gettempdir(), f"paddlerec_milvus_serving_{os.getuid()}")
         os.makedirs(home, exist_ok=True)
@@ -223,8 +259,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _run_gateway(grpc_port: int, http_port: int, parent_pid: int) -> None:
-    """Child process: Paddle Serving's Go grpc-gateway (HTTP/JSON -> gRPC); never returns."""
+def _run_go_gateway(grpc_port: int, http_port: int, parent_pid: int) -> None:
+    """Child process: Paddle Serving's Go grpc-gateway (HTTP/JSON -> gRPC); never returns. It
+    binds every interface (``*:http_port``) and has no request body limit."""
     _die_with_parent(parent_pid)
     from paddle_serving_server.pipeline import gateway
 
@@ -232,21 +269,78 @@ def _run_gateway(grpc_port: int, http_port: int, parent_pid: int) -> None:
     lib.run_proxy_server(grpc_port, http_port)
 
 
-def _run_worker(server: Any, bind_address: str, response_op: Any, conf: dict, index: int,
-                parent_pid: int) -> None:
-    """Child process (``build_dag_each_worker``): one gRPC server with its own DAG."""
+@functools.cache
+def checked_servicer_class() -> type:
+    """Paddle Serving's ``PipelineServicer`` with cheap structural checks before the DAG runs: a
+    request it would only trip over deep inside (``err_no 8000 "list index out of range"``) or
+    run (a pickled tensor) is answered err_no 51 with what is wrong."""
+    load_pipeline()
+    from paddle_serving_server.pipeline.pipeline_server import PipelineServicer
+    from paddle_serving_server.pipeline.proto import pipeline_service_pb2
+
+    class CheckedPipelineServicer(PipelineServicer):
+        def inference(self, request: Any, context: Any) -> Any:
+            problem = request_problem(request)
+            if problem is not None:
+                return pipeline_service_pb2.Response(err_no=ERR_BAD_REQUEST,
+                                                     err_msg=f"bad request: {problem}")
+            return super().inference(request, context)
+
+    return CheckedPipelineServicer
+
+
+def grpc_server_options(max_receive_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """A request over ``max_receive_bytes`` fails with RESOURCE_EXHAUSTED before it is read in
+    full; answers are not limited (gRPC's default for sending)."""
+    options = [("grpc.max_receive_message_length", int(max_receive_bytes))]
+    if reuse_port:  # worker processes share the port
+        options.append(("grpc.so_reuseport", 1))
+    return options
+
+
+def _add_port(server: Any, bind_address: str) -> None:
+    try:
+        bound = server.add_insecure_port(bind_address)
+    except RuntimeError as exc:  # grpcio >= 1.5x raises; older ones return 0
+        raise ServingCompatError(f"cannot bind gRPC port {bind_address}: {exc}") from None
+    if not bound:
+        raise ServingCompatError(f"cannot bind gRPC port {bind_address}")
+
+
+def _run_worker(name: str, response_op: Any, conf: dict, index: int, bind_address: str,
+                options: list, parent_pid: int) -> None:
+    """Child process (``build_dag_each_worker``): one gRPC server with its own DAG (what Paddle
+    Serving's ``_run_server_func`` does, with our options and checks)."""
     _die_with_parent(parent_pid)
-    server._run_server_func(bind_address, response_op, conf, index)
+    import grpc
+    from paddle_serving_server.pipeline.proto import pipeline_service_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+        checked_servicer_class()(name, response_op, conf, index), server)
+    _add_port(server, bind_address)
+    server.start()
+    server.wait_for_termination()
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+    with contextlib.suppress(OSError), socket.create_connection((host.strip("[]"), port), timeout=timeout):
         return True
     return False
 
 
-def stop_process(proc: multiprocessing.Process, term_timeout: float = 5.0) -> None:
-    """SIGTERM, wait, SIGKILL, reap: the Go gateway ignores SIGTERM, Python workers do not."""
+def stop_process(proc: multiprocessing.Process | subprocess.Popen, term_timeout: float = 5.0) -> None:
+    """SIGTERM, wait, SIGKILL, reap: the Go gateway ignores SIGTERM, Python children do not."""
+    if isinstance(proc, subprocess.Popen):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(term_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        return
     if proc.pid is None:
         return
     if proc.is_alive():
@@ -259,31 +353,60 @@ def stop_process(proc: multiprocessing.Process, term_timeout: float = 5.0) -> No
     proc.join(10)
 
 
+def _exited(proc: multiprocessing.Process | subprocess.Popen, name: str) -> str | None:
+    if isinstance(proc, subprocess.Popen):
+        code = proc.poll()
+        return None if code is None else f"{name} (pid {proc.pid}, exit code {code})"
+    if proc.pid is not None and not proc.is_alive():
+        return f"{proc.name} (pid {proc.pid}, exit code {proc.exitcode})"
+    return None
+
+
+def _is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
 class PipelineRunner:
     """Runs a Paddle Serving pipeline (gRPC server + HTTP gateway) with a real ``stop()``.
 
     Paddle Serving's own ``run_server`` blocks forever and leaves its gateway child running;
-    this starts the same parts (``PipelineServicer`` on a gRPC server, or one worker process per
-    ``worker_num`` with ``build_dag_each_worker``; the Go gateway in a child) and stops them all.
+    this starts the same parts (a checked ``PipelineServicer`` on a gRPC server, or one worker
+    process per ``worker_num`` with ``build_dag_each_worker``; an HTTP gateway process) and stops
+    them all.
+
+    ``host``: where the gRPC server and the HTTP gateway bind. ``gateway``: ``"python"``
+    (``paddlerec_milvus.pipeline_gateway``: binds ``host``, bodies up to ``max_body_bytes``) or
+    ``"go"`` (Paddle Serving's ``libproxy_server.so``: binds every interface whatever ``host``
+    says, and reads bodies of any size). ``max_body_bytes`` also limits gRPC request messages.
     """
 
-    def __init__(self, name: str, response_op: Any, conf: dict[str, Any], host: str = "0.0.0.0",
-                 log_dir: str | None = None):
+    def __init__(self, name: str, response_op: Any, conf: dict[str, Any], host: str = "127.0.0.1",
+                 log_dir: str | None = None, gateway: str = "python",
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        if gateway not in GATEWAYS:
+            raise ServingCompatError(f"gateway = {gateway!r}: expected one of {list(GATEWAYS)}")
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
+            raise ServingCompatError(f"max_body_bytes = {max_body_bytes!r} must be an integer >= 1024")
         self.name, self.response_op, self.conf, self.host = name, response_op, conf, host
-        self.log_dir = log_dir
+        self.log_dir, self.gateway, self.max_body_bytes = log_dir, gateway, max_body_bytes
         self.rpc_port: int = int(conf["rpc_port"])
         self.http_port: int | None = conf.get("http_port")
         self._server: Any = None
         self._grpc: Any = None
         self._servicer: Any = None
         self._children: list[multiprocessing.Process] = []
-        self._gateway: multiprocessing.Process | None = None
+        self._gateway: multiprocessing.Process | subprocess.Popen | None = None
+
+    @property
+    def gateway_pid(self) -> int | None:
+        return self._gateway.pid if self._gateway is not None else None
 
     def prepare(self) -> None:
-        """Check the config and ports, build the DAG's Ops, fork the HTTP gateway.
+        """Check the config and ports, build the DAG's Ops, start the HTTP gateway.
 
-        The gateway is forked here, before the caller loads models or opens Milvus
-        connections, so the child starts from a process without gRPC channels or predictors.
+        The gateway starts here, before the caller loads models or opens Milvus connections:
+        the Go one is forked, so its child starts from a process without gRPC channels or
+        predictors; the Python one is a fresh interpreter and loads meanwhile.
         """
         pipeline = load_pipeline(self.log_dir, with_paddle=True)
         _install_fork_hook()
@@ -294,38 +417,68 @@ class PipelineRunner:
         except SystemExit as exc:  # Paddle Serving reports config and port problems this way
             raise ServingCompatError(f"Paddle Serving refused to start: {exc}") from None
         self._server = server
-        if self.http_port:
+        if not self.http_port:
+            return
+        if self.gateway == "go":
+            if not _is_wildcard(self.host):
+                logger.warning("the Go HTTP gateway binds every interface (*:%s) whatever host=%r says, "
+                               "and reads request bodies of any size", self.http_port, self.host)
             self._gateway = multiprocessing.Process(
-                target=_run_gateway, name="pipeline-http-gateway",
+                target=_run_go_gateway, name="pipeline-http-gateway",
                 args=(self.rpc_port, int(self.http_port), os.getpid()), daemon=True)
             self._gateway.start()
+        else:
+            self._gateway = self._start_python_gateway(server._conf)
+
+    def _start_python_gateway(self, conf: dict[str, Any]) -> subprocess.Popen:
+        """``python -m paddlerec_milvus.pipeline_gateway`` in a fresh interpreter (not a fork of a
+        process with gRPC threads), told to die with this process."""
+        channels = int(conf["worker_num"]) if conf.get("build_dag_each_worker") else 1
+        cmd = [sys.executable, "-m", "paddlerec_milvus.pipeline_gateway", "--name", self.name,
+               "--host", self.host.strip("[]"), "--port", str(int(self.http_port)),
+               "--rpc", rpc_target(self.host, self.rpc_port), "--max-body-bytes", str(self.max_body_bytes),
+               "--channels", str(channels), "--parent-pid", str(os.getpid())]
+        env = dict(os.environ)
+        env.pop("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", None)  # it has no old _pb2 files: fast protobuf
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.basename(package_root) not in ("site-packages", "dist-packages"):  # a source tree
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # PDEATHSIG follows the thread that forks: only from the main one (the gateway also
+        # watches its parent pid itself)
+        on_main = threading.current_thread() is threading.main_thread()
+        preexec = functools.partial(_die_with_parent, os.getpid()) if on_main else None
+        try:
+            return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    preexec_fn=preexec)
+        except OSError as exc:
+            raise ServingCompatError(f"cannot start the HTTP gateway ({cmd[0]}): {exc}") from None
 
     def start(self, ready_timeout: float = 60.0) -> None:
         """Start the gRPC server (or the worker processes); return once both ports answer."""
         if self._server is None:
             self.prepare()
-        from paddle_serving_server.pipeline.pipeline_server import PipelineServicer
         from paddle_serving_server.pipeline.proto import pipeline_service_pb2_grpc
 
         conf = self._server._conf
+        bind = rpc_target(self.host, self.rpc_port) if not _is_wildcard(self.host) else \
+            f"{'[::]' if ':' in self.host else '0.0.0.0'}:{self.rpc_port}"
         try:
             if conf["build_dag_each_worker"]:
+                options = grpc_server_options(self.max_body_bytes, reuse_port=True)
                 for i in range(conf["worker_num"]):
                     p = multiprocessing.Process(
                         target=_run_worker, name=f"pipeline-worker-{i}",
-                        args=(self._server, f"{self.host}:{self.rpc_port}", self.response_op, conf, i,
-                              os.getpid()))
+                        args=(self.name, self.response_op, conf, i, bind, options, os.getpid()))
                     p.start()
                     self._children.append(p)
             else:
                 import grpc
 
-                self._servicer = PipelineServicer(self.name, self.response_op, conf)
+                self._servicer = checked_servicer_class()(self.name, self.response_op, conf)
                 self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=conf["worker_num"]),
-                                         options=_GRPC_OPTIONS)
+                                         options=grpc_server_options(self.max_body_bytes))
                 pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(self._servicer, self._grpc)
-                if not self._grpc.add_insecure_port(f"{self.host}:{self.rpc_port}"):
-                    raise ServingCompatError(f"cannot bind gRPC port {self.host}:{self.rpc_port}")
+                _add_port(self._grpc, bind)
                 self._grpc.start()
             self._wait_ready(ready_timeout)
         except BaseException:
@@ -333,12 +486,13 @@ class PipelineRunner:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        probe = "127.0.0.1" if self.host in ("0.0.0.0", "", "[::]", "::") else self.host
+        probe = "127.0.0.1" if _is_wildcard(self.host) else self.host.strip("[]")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = self.dead_child()
             if dead:
-                raise ServingCompatError(f"{dead} exited during start (see {self.log_dir or 'logs'})")
+                raise ServingCompatError(f"{dead} exited during start (see {self.log_dir or 'logs'} "
+                                         "and stderr)")
             if port_open(probe, self.rpc_port) and (not self.http_port or self._gateway_connected()):
                 return
             time.sleep(0.1)
@@ -346,31 +500,47 @@ class PipelineRunner:
                                  f"{timeout:.0f} s")
 
     def _gateway_connected(self) -> bool:
-        """The Go gateway dials gRPC once at start and backs off (1 s, 1.6 s, ...) after a refusal,
-        answering 503 meanwhile: ready means a request reached the gRPC server through it. The
-        probe names no service, so the server answers "service name error" without running Ops."""
+        """Ready means the gateway reaches the gRPC server.
+
+        Python gateway: ``GET /-/ready`` answers 200 with its pid once its channel is connected.
+        Go gateway: it dials gRPC once at start and backs off (1 s, 1.6 s, ...) after a refusal,
+        answering 503 meanwhile, so a request must reach the gRPC server through it; the probe
+        names no service, so the server answers "service name error" without running Ops."""
+        import json
         import urllib.error
         import urllib.request
 
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/__ready_probe__/prediction",
-                                     data=b"{}", method="POST")
+        if self.gateway == "python":
+            req = urllib.request.Request(f"http://{rpc_target(self.host, int(self.http_port))}{READY_PATH}")
+        else:
+            req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/__ready_probe__/prediction",
+                                         data=b"{}", method="POST")
         try:
             with urllib.request.urlopen(req, timeout=2) as r:
-                return b"err_no" in r.read()
+                body = r.read()
         except (urllib.error.URLError, OSError):
             return False
+        if self.gateway == "go":
+            return b"err_no" in body
+        with contextlib.suppress(ValueError):
+            answer = json.loads(body)
+            return answer.get("ready") is True and answer.get("pid") == self.gateway_pid
+        return False
 
     def dead_child(self) -> str | None:
         """Name of a child (gateway, worker) that has exited, if any: the server is then broken."""
-        for p in [*self._children, *([self._gateway] if self._gateway else [])]:
-            if p.pid is not None and not p.is_alive():
-                return f"{p.name} (pid {p.pid}, exit code {p.exitcode})"
+        for p in self._children:
+            dead = _exited(p, p.name)
+            if dead:
+                return dead
+        if self._gateway is not None:
+            return _exited(self._gateway, f"pipeline-http-gateway ({self.gateway})")
         return None
 
     def stop(self, grace: float = 3.0) -> None:
         """Stop serving: finish in-flight calls (up to ``grace`` s), stop the DAG, end every child."""
-        if self._gateway is not None:
-            stop_process(self._gateway, term_timeout=0.5)  # new HTTP requests stop first
+        if self._gateway is not None:  # new HTTP requests stop first; the Python one finishes its own
+            stop_process(self._gateway, term_timeout=0.5 if self.gateway == "go" else grace + 2)
             self._gateway = None
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 5)

@@ -60,6 +60,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "name": "recall",  # HTTP path: /<name>/prediction
     "host": "127.0.0.1",  # where the gRPC server and the HTTP gateway bind
     "rpc_port": 9998,
+    "http_gateway": "python",  # ours: binds host, body limit; "go": all interfaces, no limit
     "http_port": 18082,
     "worker_num": 4,
     "build_dag_each_worker": False,
@@ -95,6 +96,7 @@ class ServingConfig:
     pipeline_log_level: int
     pipeline: dict[str, Any]  # what Paddle Serving's PipelineServer.prepare_server reads
     recall: dict[str, Any]
+    http_gateway: str = "python"
 
     @property
     def thread_mode(self) -> bool:
@@ -176,8 +178,12 @@ def load_serving_config(path: str) -> ServingConfig:
                                      "dag", "op")}
     if pipeline["http_port"] is None:
         del pipeline["http_port"]
+    if conf["http_gateway"] not in compat.GATEWAYS:
+        raise ConfigError(f"{path}: http_gateway = {conf['http_gateway']!r}: expected one of "
+                          f"{list(compat.GATEWAYS)}")
     return ServingConfig(os.path.abspath(path), str(conf["name"]), str(conf["host"]), conf["rpc_port"],
-                         conf["http_port"], _abs(base, conf["log_dir"]), level, pipeline, rec)
+                         conf["http_port"], _abs(base, conf["log_dir"]), level, pipeline, rec,
+                         str(conf["http_gateway"]))
 
 
 def make_service(recall: Mapping[str, Any]):
@@ -396,7 +402,8 @@ class RecallPipelineServer:
         compat.load_pipeline(cfg.log_dir, cfg.pipeline_log_level, with_paddle=True)
         response_op, ops = build_dag(cfg)
         self.runner = compat.PipelineRunner(cfg.name, response_op, copy.deepcopy(cfg.pipeline),
-                                            host=cfg.host, log_dir=cfg.log_dir)
+                                            host=cfg.host, log_dir=cfg.log_dir, gateway=cfg.http_gateway,
+                                            max_body_bytes=cfg.recall["limits"].max_body_bytes)
         try:
             self.runner.prepare()  # forks the HTTP gateway: before any model or Milvus connection
             if cfg.thread_mode:

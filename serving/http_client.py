@@ -27,8 +27,8 @@ DEFAULT_URL = "http://127.0.0.1:18082/recall/prediction"
 
 def post_fields(url: str, fields: dict[str, str], timeout: float = 10.0,
                 session: requests.Session | None = None) -> dict[str, Any]:
-    """POST raw request fields; a gateway error (e.g. a body that is not JSON) comes back as
-    ``err_no`` = the HTTP status. Raises ConnectionError if nothing answers."""
+    """POST raw request fields; a gateway error (e.g. a body that is too big) comes back with
+    its ``err_no`` (see ``decode_http``). Raises ConnectionError if nothing answers."""
     body = {"key": list(fields), "value": list(fields.values())}
     try:
         r = (session or requests).post(url, json=body, timeout=timeout)
@@ -38,10 +38,16 @@ def post_fields(url: str, fields: dict[str, str], timeout: float = 10.0,
 
 
 def decode_http(status: int, text: str) -> dict[str, Any]:
+    """An HTTP answer -> the response dict. The gateway's own errors (400 bad JSON or shape, 413
+    too big, 404/405, 503 no gRPC server...) carry ``{"err_no", "err_msg"}`` (51 for the
+    request's fault, 53 for the server's): they come back as they are; other non-200 answers
+    (Paddle Serving's Go gateway: ``{"code", "message"}``) as ``err_no`` = the HTTP status."""
     try:
         data = json.loads(text)
     except ValueError:
         data = None
+    if status != 200 and isinstance(data, dict) and isinstance(data.get("err_no"), int):
+        return {"err_no": data["err_no"], "err_msg": str(data.get("err_msg") or f"HTTP {status}")}
     if status != 200 or not isinstance(data, dict) or "message" in data and "err_no" not in data:
         message = data.get("message") if isinstance(data, dict) else text[:200]
         return {"err_no": status if status != 200 else -1, "err_msg": f"HTTP {status}: {message}"}

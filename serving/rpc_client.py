@@ -20,7 +20,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # First: it makes protobuf pure Python, which Paddle Serving's generated code needs.
 from paddlerec_milvus import paddle_serving_compat as compat  # noqa: E402
-from paddlerec_milvus.serving_pipeline import decode_response, encode_request  # noqa: E402
+from paddlerec_milvus.serving_pipeline import ERR_BAD_REQUEST, decode_response, encode_request  # noqa: E402
 
 DEFAULT_ENDPOINT = "127.0.0.1:9998"
 
@@ -39,7 +39,8 @@ class RecallRpcClient:
         return self.call(encode_request(histories, top_k, exclude_history, filter))
 
     def call(self, fields: dict[str, str]) -> dict[str, Any]:
-        """Send raw request fields (strings); raises ConnectionError if the server is not there."""
+        """Send raw request fields (strings); raises ConnectionError if the server is not there.
+        A request over the server's size limit answers err_no 51."""
         import grpc
 
         feed = dict(fields, clientip="127.0.0.1")  # else it resolves the host name per call
@@ -47,6 +48,9 @@ class RecallRpcClient:
         try:  # PipelineClient has no timeout of its own; its gRPC future does
             resp = future.call_future_.result(timeout=self.timeout)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # over the server's max_body_bytes
+                return {"err_no": ERR_BAD_REQUEST, "err_msg": f"bad request: too large for the server: "
+                                                              f"{exc.details()}"}
             raise ConnectionError(f"recall pipeline at {self.endpoint}: {exc.code().name} "
                                   f"{exc.details()}") from None
         return decode_response(resp.err_no, resp.err_msg, list(resp.key), list(resp.value))
