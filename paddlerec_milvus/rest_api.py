@@ -516,13 +516,22 @@ def drop(request: Request) -> DropResponse:
     with _state(request).write_lock, deadline_scope(service.limits.milvus_timeout):
         index = version.index()
         try:
+            if version.collection != version.manifest.collection:
+                raise AliasInUse("a version behind the serving alias")  # dropping it would drop the alias
             index.drop()
             logger.info("dropped collection %s", version.collection)
-        except AliasInUse:  # a server keeps an aliased collection: delete its rows instead
+        except AliasInUse:  # keep the collection and its alias: delete the rows
             index.clear()
-            logger.info("deleted every item of %s (the alias stays)", version.collection)
-        finally:
+            # Strong: returns once the delete is applied, and this index's session (searches
+            # of the next requests) has seen it
+            left = index.count()
+            logger.info("deleted every item of %s (the alias %s stays; %d left)", version.collection,
+                        version.manifest.collection, left)
+            return DropResponse(dropped=True, collection=version.collection, count=left)
+        except MilvusIndexError:
             version.reset_index()
+            raise
+        version.reset_index()
     return DropResponse(dropped=True, collection=version.collection, count=0)
 
 
