@@ -131,7 +131,7 @@ def test_a_killed_milvus_lite_child_is_restarted(lite_api, exported_demo):
     hist = _histories(exported_demo["export_dir"], 2)
     want = lite_api.post("/rec/recall", {"top_k": 10, "hist_item": hist}).json()["items"]
     lite = [p for p in descendants(lite_api.proc.pid)
-            if "milvus" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+            if b"milvus_lite" in open(f"/proc/{p}/cmdline", "rb").read()]
     assert lite, "no Milvus Lite child found"
     for pid in lite:
         os.kill(pid, signal.SIGKILL)

@@ -381,6 +381,25 @@ def test_concurrent_requests_share_one_service(lite_pipe, lite_ref, lite_export)
     assert not errors, errors[:3]
 
 
+def test_a_killed_milvus_lite_child_is_restarted(lite_pipe, lite_ref, lite_export):
+    hists = demo_histories(lite_export["export_dir"])[:2]
+    want = lite_ref.recall(hists, 10)
+    lite = [p for p in descendants(lite_pipe.proc.pid)
+            if b"milvus_lite" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert lite, "no Milvus Lite child found"
+    for pid in lite:
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 30:
+        got = recall_http(lite_pipe.url, hists, 10, timeout=30)
+        if got["err_no"] == 0:
+            break
+        assert got["err_no"] == 52 and "Milvus" in got["err_msg"], got  # a clear error, never items=[]
+        time.sleep(0.2)
+    assert time.monotonic() - t0 < 15
+    assert_same_recall(got, want, "after the Lite child was restarted")
+
+
 def test_lite_sigterm_leaves_no_process_port_or_file(lite_pipe, lite_rpc):
     lite_rpc.close()
     stop_and_check(lite_pipe)
