@@ -536,6 +536,45 @@ def test_reexport_alias_switch_loses_no_request(server_pipe, server_ref, exporte
 
 
 @pytest.mark.server
+def test_an_emptied_collection_is_an_error_not_an_empty_list(server_pipe, server_ref, exported_demo_server,
+                                                              milvus_server):
+    import numpy as np
+
+    from paddlerec_milvus.milvus_index import ItemIndex
+    from paddlerec_milvus.serving_contract import Manifest, read_export_item_map
+
+    export_dir = exported_demo_server["export_dir"]
+    m = Manifest.load(export_dir)
+    hists = demo_histories(export_dir)[:2]
+    want = server_ref.recall(hists, 10)
+    got = recall_http(server_pipe.url, hists, 10)
+    assert got["err_no"] == 0 and got["model_version"] == m.model_version, got
+    index = ItemIndex(milvus_server.uri, m.physical_collection, m.embedding_dim, create=False)
+
+    def poll(done, seconds: float = 20.0) -> dict:
+        t0 = time.monotonic()
+        while True:
+            answer = recall_http(server_pipe.url, hists, 10, timeout=30)
+            if done(answer) or time.monotonic() - t0 > seconds:
+                return answer
+            assert answer["err_no"] in (0, 52), answer
+            assert answer["err_no"] != 0 or all(answer["items"]), answer  # never a silent []
+            time.sleep(0.2)
+
+    try:
+        index.clear()
+        assert index.count() == 0
+        got = poll(lambda a: a["err_no"] != 0)
+        assert got["err_no"] == 52 and "empty" in got["err_msg"], got
+        raw = read_export_item_map(export_dir, m.item_count)
+        index.upsert(raw[1:], np.load(os.path.join(export_dir, "item_vectors.npy")), progress=False)
+        assert index.count() == m.item_count - 1
+    finally:
+        index.close()
+    assert_same_recall(poll(lambda a: a["err_no"] == 0), want, "after the rows are back")
+
+
+@pytest.mark.server
 def test_server_sigterm_leaves_no_process_or_port(server_pipe):
     stop_and_check(server_pipe)
 
