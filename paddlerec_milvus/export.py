@@ -134,6 +134,7 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
         raise ConfigError(f"cannot write the export to {output_dir}: {exc.strerror or exc}") from None
     index = None
     switched = False
+    previous: str | None = None
     try:
         with _sigterm_as_interrupt():
             model_file, params_file = save_user_tower(model, maxlen, tmp)
@@ -151,7 +152,7 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 held = index.count()
                 if held != written:
                     raise MilvusIndexError(f"{physical} holds {held} of {written} items; alias not switched")
-                index.point_alias(base)
+                previous = index.point_alias(base)
                 switched = True
             manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
                                 physical, model_file, params_file)
@@ -161,12 +162,19 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
             if os.path.isdir(output_dir):
                 old = output_dir + f".old-{os.getpid()}"
                 os.rename(output_dir, old)  # two renames: a service never sees a missing manifest
-                os.rename(tmp, output_dir)  # for longer than between them
+                try:  # for longer than between them
+                    os.rename(tmp, output_dir)
+                except BaseException:
+                    os.rename(old, output_dir)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, output_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if server and index is not None and switched:
+            _switch_back(index, base, previous)  # the folder still holds the old version
+            switched = False
         if server and index is not None and not switched:
             _drop_unserved(index, physical)
         if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
@@ -188,6 +196,15 @@ def _drop_unserved(index: ItemIndex, physical: str) -> None:
     except MilvusIndexError as exc:
         logger.warning("export aborted: could not drop its collection %s (%s); the next export "
                        "prunes it", physical, exc)
+
+
+def _switch_back(index: ItemIndex, alias: str, previous: str | None) -> None:
+    """The alias moved but the export folder did not: point it back where the folder serves."""
+    try:
+        index.set_alias(alias, previous)
+        logger.info("export aborted: alias %s points at %s again", alias, previous)
+    except MilvusIndexError as exc:
+        logger.warning("export aborted after moving alias %s; could not move it back (%s)", alias, exc)
 
 
 class _sigterm_as_interrupt:

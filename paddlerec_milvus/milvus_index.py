@@ -333,7 +333,9 @@ class ItemIndex:
         # Two requests in flight: one batch is converted to rows here while Milvus writes the
         # other (38.5k x 64 on Lite: 1.4 s -> 0.85 s). Batches of 1000 beat 5000 on Lite too.
         with ThreadPoolExecutor(max_workers=self.upsert_workers, thread_name_prefix="upsert") as pool:
-            futures = [pool.submit(send, s) for s in range(0, len(ids), self.batch_size)]
+            # each worker runs in a copy of this context: a request's deadline_scope holds there too
+            futures = [pool.submit(contextvars.copy_context().run, send, s)
+                       for s in range(0, len(ids), self.batch_size)]
             try:
                 for fut in as_completed(futures):
                     n = fut.result()
@@ -379,6 +381,14 @@ class ItemIndex:
             return None
         return (info or {}).get("collection_name") or None
 
+    def set_alias(self, alias: str, target: str | None) -> None:
+        """Point ``alias`` at ``target``, or remove it when ``target`` is None."""
+        c = self._client
+        if target:
+            self._call("alter_alias", lambda **kw: c.alter_alias(target, alias, **kw))
+        else:
+            self._call("drop_alias", lambda **kw: c.drop_alias(alias, **kw))
+
     def has_collection(self, name: str | None = None) -> bool:
         name = name or self.collection
         return bool(self._call("has_collection", lambda **kw: self._client.has_collection(name, **kw)))
@@ -422,11 +432,11 @@ class ItemIndex:
         """Delete every item and keep the collection, and any alias that points at it."""
         self._call("delete", lambda **kw: self._client.delete(self.collection, filter="item_id >= 0", **kw))
 
-    def point_alias(self, alias: str) -> list[str]:
+    def point_alias(self, alias: str) -> str | None:
         """Point ``alias`` at this collection (create it or move it), then prune the other
         ``{alias}_v*`` collections: the one the alias pointed at before stays (services still
         on it finish their requests and swap), the rest go, aborted exports included.
-        Returns the dropped names."""
+        Returns the collection the alias pointed at before (None if it is new)."""
         c = self._client
         old = self.alias_target(alias)
         if old is None:
@@ -438,14 +448,18 @@ class ItemIndex:
             self._call("alter_alias", lambda **kw: c.alter_alias(self.collection, alias, **kw))
         keep = {self.collection, old}
         dropped = []
+        ours = re.compile(re.escape(alias) + r"_v\d{14,17}_e\d+")  # what export names versions
         for name in self._call("list_collections", lambda **kw: c.list_collections(**kw)):
-            if name.startswith(f"{alias}_v") and name not in keep:
-                self._call("drop old version", lambda name=name, **kw: c.drop_collection(name, **kw))
-                dropped.append(name)
+            if ours.fullmatch(name) and name not in keep:
+                try:
+                    self._call("drop old version", lambda name=name, **kw: c.drop_collection(name, **kw))
+                    dropped.append(name)
+                except MilvusIndexError as exc:  # pruning is housekeeping: the switch has happened
+                    logger.warning("could not drop old version %s: %s", name, exc)
         if dropped:
             logger.info("dropped old versions of %s: %s (kept %s)", alias, dropped,
                         sorted(k for k in keep if k))
-        return dropped
+        return old
 
     def close(self) -> None:
         try:
@@ -470,10 +484,12 @@ class ItemIndex:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise MilvusIndexError(f"query vectors must have shape [n, {self.dim}], got {list(q.shape)}")
         if not 1 <= limit <= MAX_TOP_K:
-            raise MilvusIndexError(f"top_k {limit} out of range 1..{MAX_TOP_K}")
+            raise MilvusRequestRejected(f"top_k {limit} (with the history items to leave out) out of "
+                                        f"range 1..{MAX_TOP_K}")
         ef = self.search_params.get("ef")
         if self.index_type == "HNSW" and ef is not None and ef < limit:
-            raise MilvusIndexError(f"milvus.search_params.ef = {ef} must be >= top_k ({limit}) for HNSW")
+            raise MilvusRequestRejected(f"top_k {limit} (with the history items to leave out) is over "
+                                        f"milvus.search_params.ef = {ef} of this HNSW index")
         ids = np.full((len(q), limit), -1, dtype=np.int64)
         scores = np.full((len(q), limit), -np.inf, dtype=np.float32)
         params = {"metric_type": self.metric, "params": dict(self.search_params)}

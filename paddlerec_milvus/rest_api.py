@@ -41,7 +41,7 @@ from .errors import (
     PaddleRecMilvusError,
     RequestError,
 )
-from .milvus_index import MAX_TOP_K, ItemIndex, deadline_scope
+from .milvus_index import MAX_TOP_K, ItemIndex, deadline_scope, is_local_uri
 from .serving_contract import ENV, ITEM_VECTORS, Manifest, ServingLimits
 
 logger = logging.getLogger(__name__)
@@ -444,16 +444,17 @@ def _write(request: Request, ids: np.ndarray, vectors: np.ndarray) -> WriteRespo
     service = _service(request)
     version = service.current()
     with _state(request).write_lock, deadline_scope(service.limits.milvus_timeout):
-        # create=True: after /rec/drop on Lite the collection is gone and this brings it back
+        # after /rec/drop on Lite the collection is gone and this brings it back; on a server a
+        # missing versioned collection was pruned: re-creating it would serve a fragment
+        create = is_local_uri(version.uri) or version.collection == version.manifest.collection
         index = ItemIndex(version.uri, version.collection, version.manifest.embedding_dim,
                           token=_state(request).settings.token, timeout=service.limits.milvus_timeout,
-                          retries=service.limits.milvus_retries, create=True)
+                          retries=service.limits.milvus_retries, create=create)
         try:
             written = index.upsert(ids, vectors, progress=False)
             count = index.count()
         finally:
             index.close()
-    version.reset_index()
     logger.info("upserted %d item vectors into %s (%d now)", written, version.collection, count)
     return WriteResponse(written=written, count=count, collection=version.collection,
                          model_version=version.version, took_ms=_ms(t0))
@@ -466,6 +467,8 @@ def insert_data(request: Request) -> WriteResponse:
     never duplicates; after ``/rec/drop`` it re-creates the collection."""
     service = _service(request)
     version = service.current()
+    if Manifest.load(service.export_dir).model_version != version.version:
+        raise MilvusUnavailable(f"a new export in {service.export_dir} is being loaded; retry shortly")
     vectors = np.load(os.path.join(service.export_dir, ITEM_VECTORS))
     return _write(request, np.asarray(version.raw_ids[1:], dtype=np.int64), vectors)
 
@@ -497,13 +500,15 @@ def count(request: Request) -> CountResponse:
     service = _service(request)
     version = service.current()
     with deadline_scope(service.limits.milvus_timeout):
+        index = None
         try:
-            n = version.index().count()
+            index = version.index()
+            n = index.count()
         except CollectionUnavailable:  # dropped: it holds nothing (recall says 503 with the cause)
-            version.reset_index()
+            version.reset_index(index)
             n = 0
         except MilvusIndexError:
-            version.reset_index()
+            version.reset_index(index)
             raise
     return CountResponse(count=n, collection=version.collection, model_version=version.version)
 

@@ -120,8 +120,19 @@ class ModelVersion:
                                         token=self._token, **self._index_kwargs)
             return self._index
 
-    def reset_index(self) -> None:
+    def reset_index(self, failed: ItemIndex | None = None) -> None:
+        """Forget the index so the next call reconnects. With ``failed``: only if it is still the
+        current one (a concurrent request may have replaced it already); its client is left to the
+        garbage collector, as other requests may still be using it."""
         with self._lock:
+            if failed is not None:
+                if self._index is failed:
+                    self._index = None
+                    # requests still on it finish within their deadline; then close its channel
+                    timer = threading.Timer(3 * failed.timeout + 5, failed.close)
+                    timer.daemon = True
+                    timer.start()
+                return
             if self._index is not None:
                 self._index.close()
             self._index = None
@@ -145,6 +156,7 @@ class RecallService:
         self.watch_interval_s = watch_interval_s
         self._versions: OrderedDict[str, ModelVersion] = OrderedDict()
         self._swap_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load at a time
         self._loading = False
         self._next_check = 0.0
         self.last_load_error: str | None = None
@@ -170,40 +182,54 @@ class RecallService:
         and loads it in the background, swapping it in once it is ready."""
         now = time.monotonic()
         if now >= self._next_check and not self._loading:
-            self._next_check = now + self.watch_interval_s
-            stamp = manifest_stamp(self.export_dir)
-            if stamp is not None and stamp != self._current.stamp:
-                self._loading = True
-                threading.Thread(target=self._reload, args=(stamp,), daemon=True,
-                                 name="model-reload").start()
+            with self._swap_lock:
+                start = not self._loading and now >= self._next_check
+                if start:
+                    self._next_check = now + self.watch_interval_s
+                    stamp = manifest_stamp(self.export_dir)
+                    start = stamp is not None and stamp != self._current.stamp
+                    self._loading = start
+            if start:
+                threading.Thread(target=self._reload, daemon=True, name="model-reload").start()
         return self._current
 
-    def _reload(self, stamp: Any) -> None:
+    def _reload(self) -> None:
+        """Load the folder's export if it is newer than the current one (one load at a time)."""
         try:
-            version = self._load(stamp)
-            self._current = version  # one reference assignment: requests see old or new, never half
-            self.last_load_error = None
-        except Exception as exc:  # a half-written or broken export: keep serving the old one
-            self.last_load_error = f"new export at {self.export_dir} not loaded: {exc}"
-            logger.warning("%s; still serving %s", self.last_load_error, self._current.version)
+            with self._load_lock:
+                stamp = manifest_stamp(self.export_dir)
+                if stamp is None or stamp == self._current.stamp:
+                    return
+                try:
+                    version = self._load(stamp)
+                except Exception as exc:  # a half-written or broken export: keep serving the old one
+                    self.last_load_error = f"new export at {self.export_dir} not loaded: {exc}"
+                    logger.warning("%s; still serving %s", self.last_load_error, self._current.version)
+                    return
+                self._current = version  # one reference assignment: requests see old or new, never half
+                self.last_load_error = None
         finally:
             self._loading = False
 
     def refresh(self) -> ModelVersion:
         """Load a new export now, if there is one (used when the current version's collection
-        is gone: an export elsewhere pruned it)."""
+        is gone: an export elsewhere pruned it). Waits for a load already running."""
         stamp = manifest_stamp(self.export_dir)
         if stamp is not None and stamp != self._current.stamp:
-            self._reload(stamp)
+            self._reload()
         return self._current
 
     def version(self, name: str) -> ModelVersion:
-        """A version by name (the pipeline's second Op uses the one its first Op used)."""
-        with self._swap_lock:
-            found = self._versions.get(name)
-        if found is None:
-            raise MilvusUnavailable(f"model version {name} was replaced while this request ran; retry")
-        return found
+        """A version by name (the pipeline's second Op uses the one its first Op used; in
+        process mode that Op's own service may not have loaded it yet)."""
+        for attempt in range(2):
+            with self._swap_lock:
+                found = self._versions.get(name)
+            if found is not None:
+                return found
+            if attempt == 0:
+                self.refresh()
+        raise MilvusUnavailable(f"model version {name} was replaced while this request ran; retry")
 
     # compatibility with callers that read these off the service
     @property
@@ -311,28 +337,33 @@ class RecallService:
         filter = self.check_filter(filter)
         with deadline_scope(self.limits.milvus_timeout):
             for attempt in range(2):
+                index = None
                 try:
-                    results = recall_top_k(v.index(), interests, top_k,
+                    index = v.index()
+                    results = recall_top_k(index, interests, top_k,
                                            histories=[set(h) for h in histories],
                                            exclude_history=exclude_history, filter=filter)
-                    if not filter and not all(r.ids for r in results):
-                        self._explain_empty(v)
+                    if not all(r.ids for r in results):
+                        self._explain_empty(v, filtered=bool(filter))
                     return results
                 except MilvusUnavailable:
-                    v.reset_index()  # reconnect (and restart a dead Lite child) on the retry
+                    v.reset_index(index)  # reconnect (and restart a dead Lite child) on the retry
                     if attempt == 1:
                         raise
                 except CollectionUnavailable:
-                    v.reset_index()
+                    v.reset_index(index)
                     newer = self.refresh()
                     if newer is v or attempt == 1:
                         raise
                     v = newer  # the old version's collection was pruned: use the new export
         raise AssertionError("unreachable")
 
-    def _explain_empty(self, v: ModelVersion) -> None:
-        """Some user got no item without a filter: say why instead of answering []."""
+    def _explain_empty(self, v: ModelVersion, filtered: bool = False) -> None:
+        """Some user got no item: say why instead of answering [] (with a filter, [] is a fair
+        answer unless the collection is empty)."""
         n = v.index().count()
+        if filtered and n > 0:
+            return
         if n == 0:
             raise CollectionUnavailable(
                 f"collection {v.collection!r} at {v.uri} is empty (dropped?); refill it with "
@@ -358,6 +389,7 @@ class RecallService:
         out: dict[str, Any] = {"status": "degraded", "model_version": v.version, "milvus_uri": v.uri,
                                "collection": v.collection, "milvus_reachable": False, "count": None,
                                "error": None}
+        index = None
         try:
             with deadline_scope(self.limits.milvus_timeout):
                 index = v.index()
@@ -367,7 +399,7 @@ class RecallService:
                 if not is_local_uri(v.uri) and alias != v.collection:
                     out["alias_target"] = index.alias_target(alias)
         except MilvusIndexError as exc:
-            v.reset_index()
+            v.reset_index(index)
             out["milvus_reachable"] = not isinstance(exc, MilvusUnavailable)
             out["error"] = str(exc)
             return out

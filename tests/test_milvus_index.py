@@ -107,9 +107,9 @@ def test_unreachable_uri_is_one_clear_error():
 
 def test_top_k_limits(tmp_path):
     idx = _index(str(tmp_path / "k.db"), "k")
-    with pytest.raises(MilvusIndexError, match="top_k 0 out of range"):
+    with pytest.raises(MilvusIndexError, match=r"top_k 0 \(with the history .*\) out of range"):
         idx.search_vectors(np.zeros((1, DIM)), 0)
-    with pytest.raises(MilvusIndexError, match="top_k 20000 out of range"):
+    with pytest.raises(MilvusIndexError, match=r"top_k 20000 \(with the history .*\) out of range"):
         idx.search_vectors(np.zeros((1, DIM)), 20000)
 
 
