@@ -176,9 +176,8 @@ class ItemIndex:
             _release_dead_lite(self.uri)
         # A connection of our own (pymilvus shares one per uri by default): closing this index
         # never closes another's, and a reconnect after a server restart opens a fresh channel.
-        scope = _DEADLINE.get()
-        timeout = self.timeout if scope is None else max(0.1, min(self.timeout, scope - time.monotonic()))
-        kwargs = {"uri": self.uri, "timeout": timeout,
+        deadline, _ = _deadline(self.timeout)
+        kwargs = {"uri": self.uri, "timeout": max(0.1, deadline - time.monotonic()),
                   "alias": f"paddlerec-milvus-{os.getpid()}-{next(_ALIASES)}"}
         if token:
             kwargs["token"] = token
@@ -200,10 +199,7 @@ class ItemIndex:
         """Run a client call within this index's deadline (``timeout`` seconds for the call and
         all its retries together): ``fn(timeout=..., retry_times=0)`` gets the time left, so
         pymilvus makes one attempt bounded by it and the retries with backoff are ours."""
-        deadline = time.monotonic() + self.timeout
-        scope = _DEADLINE.get()
-        if scope is not None:
-            deadline = min(deadline, scope)
+        deadline, budget = _deadline(self.timeout)
         for attempt in range(self.retries + 1):
             left = deadline - time.monotonic()
             try:
@@ -213,7 +209,6 @@ class ItemIndex:
             except (MilvusIndexError, _RawSearchUnavailable):
                 raise
             except _DeadlinePassed:
-                budget = self.timeout if scope is None else min(self.timeout, self._scope_len())
                 raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: {what} did not finish "
                                         f"within {budget:g} s") from None
             except Exception as exc:
@@ -467,10 +462,6 @@ class ItemIndex:
         except Exception:  # closing a dead connection is not an error worth raising
             pass
 
-    @staticmethod
-    def _scope_len() -> float:
-        return _SCOPE_LEN.get()
-
     def __enter__(self) -> ItemIndex:
         return self
 
@@ -562,8 +553,9 @@ class ItemIndex:
         return recall_top_k(self, interests, top_k, histories, exclude_history, filter)
 
 
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("milvus_deadline", default=None)
-_SCOPE_LEN: contextvars.ContextVar[float] = contextvars.ContextVar("milvus_deadline_len", default=0.0)
+# (monotonic end, length in seconds) of the innermost deadline_scope, or None outside any
+_DEADLINE: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("milvus_deadline",
+                                                                                     default=None)
 
 
 @contextlib.contextmanager
@@ -572,13 +564,21 @@ def deadline_scope(seconds: float) -> Iterator[None]:
     ``seconds`` from now: a request's worst case, not a per-call one."""
     end = time.monotonic() + seconds
     outer = _DEADLINE.get()
-    token = _DEADLINE.set(end if outer is None else min(end, outer))
-    token_len = _SCOPE_LEN.set(seconds)
+    token = _DEADLINE.set((end, seconds) if outer is None or end < outer[0] else outer)
     try:
         yield
     finally:
         _DEADLINE.reset(token)
-        _SCOPE_LEN.reset(token_len)
+
+
+def _deadline(timeout: float) -> tuple[float, float]:
+    """(monotonic deadline, its length) for a call of an index with ``timeout``: the sooner of
+    its own timeout and the enclosing deadline_scope."""
+    now = time.monotonic()
+    scope = _DEADLINE.get()
+    if scope is None or now + timeout <= scope[0]:
+        return now + timeout, timeout
+    return scope[0], min(timeout, scope[1])
 
 
 class _RawSearchUnavailable(Exception):

@@ -42,7 +42,7 @@ from .errors import (
     RequestError,
 )
 from .milvus_index import MAX_TOP_K, ItemIndex, deadline_scope, is_local_uri
-from .serving_contract import ENV, ITEM_VECTORS, Manifest, ServingLimits
+from .serving_contract import ENV, ITEM_VECTORS, Manifest, ServingLimits, manifest_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ def insert_data(request: Request) -> WriteResponse:
     never duplicates; after ``/rec/drop`` it re-creates the collection."""
     service = _service(request)
     version = service.current()
-    if Manifest.load(service.export_dir).model_version != version.version:
+    if manifest_stamp(service.export_dir) != version.stamp:  # the folder holds another export
         raise MilvusUnavailable(f"a new export in {service.export_dir} is being loaded; retry shortly")
     vectors = np.load(os.path.join(service.export_dir, ITEM_VECTORS))
     return _write(request, np.asarray(version.raw_ids[1:], dtype=np.int64), vectors)

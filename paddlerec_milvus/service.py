@@ -92,7 +92,7 @@ class UserTowerPredictor:
 class ModelVersion:
     """One export: its user tower, item map and the collection with its item vectors."""
 
-    def __init__(self, export_dir: str, stamp: Any, uri: str, collection: str | None, token: str,
+    def __init__(self, export_dir: str, stamp: Any, uri: str | None, collection: str | None, token: str,
                  use_gpu: bool, index_kwargs: dict[str, Any]):
         self.manifest = Manifest.load(export_dir)
         self.stamp = stamp
@@ -100,7 +100,7 @@ class ModelVersion:
         self.raw_ids = read_export_item_map(export_dir, m.item_count)
         self.dense_of = {int(r): d for d, r in enumerate(self.raw_ids) if d > 0}
         self.predictor = UserTowerPredictor(export_dir, m, use_gpu)
-        self.uri = uri
+        self.uri = uri or m.milvus_uri  # None: the export's
         # The export's own collection (a server export writes one per version behind the alias):
         # searching it, not the alias, keeps this version's tower and vectors together.
         pinned = collection is None or collection == m.collection
@@ -164,10 +164,9 @@ class RecallService:
 
     # -- versions -------------------------------------------------------------------------
     def _load(self, stamp: Any) -> ModelVersion:
-        m = Manifest.load(self.export_dir)
-        version = ModelVersion(self.export_dir, stamp, self._uri_override or m.milvus_uri,
-                               self._collection_override, self._token, self._use_gpu,
-                               self._index_kwargs)
+        version = ModelVersion(self.export_dir, stamp, self._uri_override, self._collection_override,
+                               self._token, self._use_gpu, self._index_kwargs)
+        m = version.manifest
         with self._swap_lock:
             self._versions[version.version] = version
             while len(self._versions) > 2:  # the previous one stays for requests already on it

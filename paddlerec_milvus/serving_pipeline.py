@@ -243,8 +243,9 @@ def _json_field(name: str, value: Any) -> Any:
                            f"{value[:80]!r}") from None
 
 
-def parse_request(fields: Mapping[str, Any], max_history: int = ServingLimits().max_history) -> RecallRequest:
-    """Pipeline request fields -> RecallRequest; ids and top_k are checked by RecallService."""
+def parse_request(fields: Mapping[str, Any]) -> RecallRequest:
+    """Pipeline request fields -> RecallRequest; ids, history lengths, top_k and the filter are
+    checked by RecallService, as for the REST API."""
     unknown = [k for k in fields if k not in REQUEST_KEYS and not k.startswith("pipeline.")]
     if unknown:
         raise RequestError(f"unknown request keys {unknown}; expected {list(REQUEST_KEYS)}")
@@ -255,10 +256,6 @@ def parse_request(fields: Mapping[str, Any], max_history: int = ServingLimits().
         hist = [hist]  # a flat list is one user's history
     if not isinstance(hist, list):
         raise RequestError(f"hist_item must be a JSON list of histories, got {type(hist).__name__}")
-    for row, items in enumerate(hist):
-        if isinstance(items, list) and len(items) > max_history:
-            raise RequestError(f"hist_item[{row}] has {len(items)} items; the limit is {max_history} "
-                               "(only the latest maxlen are used)")
     req = RecallRequest(hist)
     if "top_k" in fields:
         req.top_k = _json_field("top_k", fields["top_k"])
@@ -303,7 +300,6 @@ def op_classes() -> tuple[type, type]:
 
         service: Any = None
         service_factory: Callable[[], Any] | None = None
-        max_history: int = 10000
 
         def init_op(self) -> None:
             if self.service is None and self.service_factory is not None:
@@ -319,7 +315,7 @@ def op_classes() -> tuple[type, type]:
 
         def preprocess(self, input_dicts, data_id=0, log_id=0):
             try:
-                req = parse_request(self._one(input_dicts), self.max_history)
+                req = parse_request(self._one(input_dicts))
                 version = self.service.current()
                 top_k = self.service.check_top_k(req.top_k)
                 filter = self.service.check_filter(req.filter)
@@ -367,7 +363,6 @@ def build_dag(config: ServingConfig, service: Any = None) -> tuple[Any, list[Any
     for op in (tower, recall):
         op.service = service
         op.service_factory = functools.partial(make_service, config.recall)
-        op.max_history = int(config.recall["limits"].max_history)
     return pipeline.ResponseOp(input_ops=[recall]), [tower, recall]
 
 
