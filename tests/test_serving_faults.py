@@ -18,9 +18,8 @@ import time
 import numpy as np
 import pytest
 import requests
+from milvus_lite_children import kill_milvus_lite_children
 from test_rest_api import TITLES, ApiProcess, exact_recall
-
-from benchmarks.common import descendants
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,11 +129,7 @@ def test_a_chunked_body_cannot_pass_the_size_limit(lite_api, exported_demo):
 def test_a_killed_milvus_lite_child_is_restarted(lite_api, exported_demo):
     hist = _histories(exported_demo["export_dir"], 2)
     want = lite_api.post("/rec/recall", {"top_k": 10, "hist_item": hist}).json()["items"]
-    lite = [p for p in descendants(lite_api.proc.pid)
-            if b"milvus_lite" in open(f"/proc/{p}/cmdline", "rb").read()]
-    assert lite, "no Milvus Lite child found"
-    for pid in lite:
-        os.kill(pid, signal.SIGKILL)
+    assert kill_milvus_lite_children(lite_api.proc.pid), "no Milvus Lite child found"
     t0 = time.monotonic()
     first_error = None
     while time.monotonic() - t0 < 30:
