@@ -42,3 +42,7 @@ class RequestError(PaddleRecMilvusError):
 
 class Overloaded(PaddleRecMilvusError):
     """The service is at capacity or the request's deadline passed: retry later."""
+
+
+class DeadlineExceeded(Overloaded):
+    """The request's deadline passed before it could run (it waited in a queue): not run."""

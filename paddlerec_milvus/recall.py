@@ -51,22 +51,31 @@ def recall_top_k(index: VectorSearcher, interests: np.ndarray, top_k: int,
                  histories: Sequence[Collection[int]] | None = None,
                  exclude_history: bool = False, filter: str | None = None) -> list[UserRecall]:
     """Search every user's K interests in one batched call and merge per user."""
+    excludes = [set(h) for h in histories] if exclude_history and histories is not None else None
+    return recall_rows(index, interests, top_k, excludes, filter)
+
+
+def recall_rows(index: VectorSearcher, interests: np.ndarray, top_k: int | Sequence[int],
+                excludes: Sequence[Collection[int]] | None = None,
+                filter: str | None = None) -> list[UserRecall]:
+    """Like ``recall_top_k`` with a top_k and a set of ids to leave out per row: the rows of
+    several requests in one search. The search asks for the largest top_k + |exclude| of any
+    row; a row's answer is the same as with its own limit, since an item in a row's merged top_k
+    ranks within top_k + |exclude| in the interest list where it scores best."""
     interests = np.asarray(interests, dtype=np.float32)
     if interests.ndim == 2:
         interests = interests[:, None, :]
     n, k, dim = interests.shape
     if dim != index.dim:
         raise ValueError(f"interest vectors have dim {dim}, the index holds dim {index.dim}")
-    extra = 0
-    if exclude_history and histories is not None:
-        extra = max((len(set(h)) for h in histories), default=0)
-    ids, scores = index.search_vectors(interests.reshape(n * k, dim), top_k + extra, filter)
+    top_ks = [int(top_k)] * n if isinstance(top_k, (int, np.integer)) else [int(t) for t in top_k]
+    excludes = list(excludes) if excludes is not None else [()] * n
+    if len(top_ks) != n or len(excludes) != n:
+        raise ValueError(f"{n} rows but {len(top_ks)} top_k values and {len(excludes)} exclude sets")
+    limit = max(t + len(e) for t, e in zip(top_ks, excludes))
+    ids, scores = index.search_vectors(interests.reshape(n * k, dim), limit, filter)
     ids, scores = ids.reshape(n, -1), scores.reshape(n, -1)
-    out = []
-    for u in range(n):
-        exclude = set(histories[u]) if exclude_history and histories is not None else ()
-        out.append(merge_interest_hits(ids[u], scores[u], top_k, exclude))
-    return out
+    return [merge_interest_hits(ids[u], scores[u], top_ks[u], excludes[u]) for u in range(n)]
 
 
 class ExactIndex:

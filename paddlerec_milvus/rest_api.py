@@ -29,11 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from starlette.concurrency import run_in_threadpool
 
 from .errors import (
     AliasInUse,
     CollectionUnavailable,
     ConfigError,
+    DeadlineExceeded,
     MilvusIndexError,
     MilvusRequestRejected,
     MilvusUnavailable,
@@ -163,7 +165,10 @@ class HealthResponse(BaseModel):
     count: int | None
     error: str | None = None
     alias_target: str | None = Field(None, description="what the serving alias points at (a server)")
-    limits: dict[str, int]
+    limits: dict[str, float]
+    batching: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per stage: queued users, batches run, mean requests per batch, "
+                                          "requests refused (429) and dropped past their deadline")
 
 
 class ItemTitle(BaseModel):
@@ -201,6 +206,10 @@ class RecallRequest(BaseModel):
     filter: str | None = Field(None, max_length=4096,
                                description="boolean expression over item_id (and the collection's scalar "
                                            "fields): == != < <= > >= in [..] and or not, parentheses")
+    timeout_ms: StrictInt | None = Field(None, ge=1, le=600_000,
+                                         description="this request's deadline (at most the service's "
+                                                     "request_timeout): past it, a queued request is "
+                                                     "dropped and answered 503")
 
 
 class InterestsRequest(BaseModel):
@@ -376,6 +385,8 @@ async def _send_json(send: Any, status: int, detail: str, extra: dict[str, str] 
 def _status_of(exc: BaseException) -> int:
     if isinstance(exc, (RequestError, MilvusRequestRejected)):
         return 400
+    if isinstance(exc, DeadlineExceeded):
+        return 503
     if isinstance(exc, Overloaded):
         return 429
     if isinstance(exc, (MilvusIndexError, ConfigError)):
@@ -415,13 +426,18 @@ router = APIRouter()
 
 @router.post("/rec/recall", response_model=RecallResponse, tags=["recall"],
              summary="Recall top_k items for each history row")
-def recall(req: RecallRequest, request: Request) -> RecallResponse:
+async def recall(req: RecallRequest, request: Request) -> RecallResponse:
     """Each row of ``hist_item`` (a user's clicked raw item ids) -> K interest vectors ->
-    K Milvus searches -> one merged list of raw item ids, best first."""
+    K Milvus searches -> one merged list of raw item ids, best first. Concurrent requests are
+    micro-batched (one tower call, one search); each gets its own answer."""
     t0 = time.perf_counter()
     state = _state(request)
-    ans = _service(request).recall(req.hist_item, top_k=req.top_k, exclude_history=req.exclude_history,
-                                   filter=req.filter)
+    service = _service(request)
+    args = (req.hist_item, req.top_k, req.exclude_history, req.filter, req.timeout_ms)
+    if service.batching:  # checked here, then awaited: no thread waits for the batch
+        ans = await service.recall_async(service.prepare(*args))
+    else:
+        ans = await run_in_threadpool(service.recall, *args)
     titles = [[state.titles.get(i) for i in row] for row in ans.items] if req.with_titles else None
     return RecallResponse(items=ans.items, scores=ans.scores if req.with_scores else None,
                           titles=titles, top_k=req.top_k or state.settings.limits.default_top_k,
@@ -558,13 +574,16 @@ def health(request: Request) -> JSONResponse:
         "milvus_uri": None, "collection": None, "count": None, "error": None,
         "limits": {"max_users": lim.max_users, "max_history": lim.max_history,
                    "max_top_k": min(lim.max_top_k, MAX_TOP_K), "default_top_k": lim.default_top_k,
-                   "max_upsert": lim.max_upsert, "max_body_bytes": lim.max_body_bytes}}
+                   "max_upsert": lim.max_upsert, "max_body_bytes": lim.max_body_bytes,
+                   "batch_max_users": lim.batch_max_users, "batch_window_ms": lim.batch_window_ms,
+                   "queue_max_users": lim.queue_max_users, "request_timeout": lim.request_timeout}}
     if service is None:
         body["error"] = "model not loaded"
         return JSONResponse(body, status_code=503)
     m = service.manifest
     body.update(embedding_dim=m.embedding_dim, interests_per_user=m.max_k)
     body.update(service.health())
+    body["batching"] = service.batch_stats()
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 

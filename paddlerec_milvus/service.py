@@ -10,27 +10,33 @@ the REST API both call ``RecallService``; neither knows about Paddle or Milvus d
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .batching import MicroBatcher
 from .errors import (
     CollectionUnavailable,
     ConfigError,
+    DeadlineExceeded,
     MilvusIndexError,
+    MilvusRequestRejected,
     MilvusUnavailable,
     RequestError,
 )
 from .filter_expr import check_filter
-from .milvus_index import MAX_TOP_K, ItemIndex, deadline_scope, is_local_uri
-from .recall import UserRecall, recall_top_k
+from .milvus_index import MAX_TOP_K, ItemIndex, _deadline, deadline_scope, is_local_uri
+from .recall import UserRecall, recall_rows
 from .serving_contract import Manifest, ServingLimits, manifest_stamp, read_export_item_map
 
 logger = logging.getLogger(__name__)
@@ -107,6 +113,7 @@ class ModelVersion:
         self.collection = (m.physical_collection or m.collection) if pinned else collection
         self._token, self._index_kwargs = token, index_kwargs
         self._index: ItemIndex | None = None
+        self._connecting: Future | None = None
         self._lock = threading.Lock()
 
     @property
@@ -114,11 +121,37 @@ class ModelVersion:
         return self.manifest.model_version
 
     def index(self) -> ItemIndex:
+        """The connected index. Connecting runs in a thread of its own, waited for only until the
+        request's deadline: pymilvus's connect makes one call without a timeout, which hangs for
+        as long as a stalled Milvus does (seen with a SIGSTOPped Milvus Lite: 30 s and more)."""
         with self._lock:
-            if self._index is None:
-                self._index = ItemIndex(self.uri, self.collection, self.manifest.embedding_dim,
-                                        token=self._token, **self._index_kwargs)
-            return self._index
+            if self._index is not None:
+                return self._index
+            pending = self._connecting
+            if pending is None:
+                pending = self._connecting = Future()
+                threading.Thread(target=self._connect, args=(pending,), daemon=True,
+                                 name="milvus-connect").start()
+        end, _ = _deadline(float(self._index_kwargs.get("timeout", 10.0)))
+        try:
+            return pending.result(timeout=max(0.0, end - time.monotonic()))
+        except FuturesTimeout:
+            raise MilvusUnavailable(f"cannot reach Milvus at {self.uri}: connecting did not finish within "
+                                    "the request's deadline (Milvus stalled?); retry shortly") from None
+
+    def _connect(self, pending: Future) -> None:
+        """Outside any request's deadline: a slow connect still completes for later requests."""
+        try:
+            index = ItemIndex(self.uri, self.collection, self.manifest.embedding_dim,
+                              token=self._token, **self._index_kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            with self._lock:
+                self._connecting = None
+            pending.set_exception(exc)
+            return
+        with self._lock:
+            self._index, self._connecting = index, None
+        pending.set_result(index)
 
     def reset_index(self, failed: ItemIndex | None = None) -> None:
         """Forget the index so the next call reconnects. With ``failed``: only if it is still the
@@ -160,6 +193,7 @@ class RecallService:
         self._loading = False
         self._next_check = 0.0
         self.last_load_error: str | None = None
+        self._batchers: dict[str, MicroBatcher] = {}
         self._current = self._load(manifest_stamp(self.export_dir))
 
     # -- versions -------------------------------------------------------------------------
@@ -327,21 +361,30 @@ class RecallService:
     def search(self, interests: np.ndarray, histories: Sequence[Sequence[Any]], top_k: int,
                exclude_history: bool = False, filter: str | None = None,
                version: ModelVersion | None = None) -> list[UserRecall]:
-        """The Milvus half: K vectors per user -> merged raw-id lists, within one deadline.
+        """The Milvus half: K vectors per user -> merged raw-id lists, within one deadline."""
+        v = version or self.current()
+        filter = self.check_filter(filter)
+        excludes = [set(h) for h in histories] if exclude_history else None
+        return self._search_rows(v, interests, [top_k] * len(interests), excludes, filter,
+                                 time.monotonic() + self.limits.request_timeout)
+
+    def _search_rows(self, v: ModelVersion, interests: np.ndarray, top_ks: Sequence[int],
+                     excludes: Sequence[set[int]] | None, filter: str | None,
+                     deadline: float) -> list[UserRecall]:
+        """One Milvus search for these rows (of one or many requests), by ``deadline``.
 
         A failure is typed: ``MilvusUnavailable`` (down, restarting: the index reconnects, and a
         dead Milvus Lite child is restarted, on the next call) or ``CollectionUnavailable``
         (dropped, empty, not exported). An answer is never silently empty."""
-        v = version or self.current()
-        filter = self.check_filter(filter)
-        with deadline_scope(self.limits.milvus_timeout):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before its Milvus search; not run")
+        with deadline_scope(min(self.limits.milvus_timeout, left)):
             for attempt in range(2):
                 index = None
                 try:
                     index = v.index()
-                    results = recall_top_k(index, interests, top_k,
-                                           histories=[set(h) for h in histories],
-                                           exclude_history=exclude_history, filter=filter)
+                    results = recall_rows(index, interests, top_ks, excludes, filter)
                     if not all(r.ids for r in results):
                         self._explain_empty(v, filtered=bool(filter))
                     return results
@@ -370,17 +413,159 @@ class RecallService:
         raise MilvusUnavailable(f"collection {v.collection!r} holds {n} items but Milvus returned none "
                                 "(still loading after a restart?); retry shortly")
 
-    def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
-               exclude_history: bool = False, filter: str | None = None) -> RecallAnswer:
+    # -- requests as jobs: alone or micro-batched -----------------------------------------
+    def prepare(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
+                exclude_history: bool = False, filter: str | None = None,
+                timeout_ms: Any = None) -> RecallJob:
+        """Check a request and encode it; every mistake is a ``RequestError`` here, before it can
+        join a batch (a bad request never fails its batch-mates)."""
         v = self.current()
         top_k = self.check_top_k(top_k)
         filter = self.check_filter(filter)
-        vecs, notes = self.interests(histories, v)
-        results = self.search(vecs, histories, top_k, exclude_history, filter, v)
-        short = [i for i, r in enumerate(results) if len(r.ids) < top_k]
-        if short and filter:
-            notes.append(f"filter left fewer than top_k={top_k} items for rows {short[:20]}")
-        return RecallAnswer([r.ids for r in results], [r.scores for r in results], notes, v.version)
+        timeout = self.limits.request_timeout
+        if timeout_ms is not None:
+            if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float, np.integer)) \
+                    or not timeout_ms > 0:
+                raise RequestError(f"timeout_ms = {timeout_ms!r} must be a positive number of milliseconds")
+            timeout = min(timeout, float(timeout_ms) / 1000)
+        if exclude_history and isinstance(histories, (list, tuple)):
+            longest = max((len(set(h)) for h in histories if isinstance(h, (list, tuple))), default=0)
+            if top_k + longest > MAX_TOP_K:
+                raise RequestError(f"top_k {top_k} + {longest} history items to leave out is over "
+                                   f"Milvus's limit {MAX_TOP_K}")
+        hist, seq_len, notes = self.encode(histories, v)
+        return RecallJob([list(h) for h in histories], hist, seq_len, top_k, bool(exclude_history),
+                         filter, notes, v.version, time.monotonic() + timeout)
+
+    def run_tower(self, jobs: Sequence[RecallJob]) -> list[RecallJob | BaseException]:
+        """The user tower for many jobs: one predictor call per model version."""
+        out: list[RecallJob | BaseException] = list(jobs)
+        for name, members in _group(jobs, lambda j: j.model_version).items():
+            try:
+                v = self.version(name)
+                rows = np.concatenate([jobs[i].hist for i in members])
+                lens = np.concatenate([jobs[i].seq_len for i in members])
+                vecs = v.predictor(rows, lens)
+            except Exception as exc:  # noqa: BLE001 - the group's jobs get the error
+                for i in members:
+                    out[i] = exc
+                continue
+            start = 0
+            for i in members:
+                n = jobs[i].users
+                jobs[i].interests = vecs[start:start + n]
+                start += n
+        return out
+
+    def run_search(self, jobs: Sequence[RecallJob]) -> list[RecallAnswer | BaseException]:
+        """Milvus for many jobs: one search per (model version, filter), split per job."""
+        out: list[RecallAnswer | BaseException] = [RecallAnswer([], [])] * len(jobs)
+        for (name, filter), members in _group(jobs, lambda j: (j.model_version, j.filter)).items():
+            try:
+                v = self.version(name)
+                members = self._within_search_limit(v, jobs, members, out)
+                if not members:
+                    continue
+                vecs = np.concatenate([jobs[i].interests for i in members])
+                top_ks = [jobs[i].top_k for i in members for _ in range(jobs[i].users)]
+                excludes = [set(h) if jobs[i].exclude_history else set()
+                            for i in members for h in jobs[i].histories]
+                results = self._search_rows(v, vecs, top_ks, excludes, filter,
+                                            max(jobs[i].deadline for i in members))
+            except Exception as exc:  # noqa: BLE001 - the group's jobs get the error
+                for i in members:
+                    out[i] = exc
+                continue
+            start = 0
+            for i in members:
+                job = jobs[i]
+                mine = results[start:start + job.users]
+                start += job.users
+                notes = list(job.notes)
+                short = [r for r, u in enumerate(mine) if len(u.ids) < job.top_k]
+                if short and filter:
+                    notes.append(f"filter left fewer than top_k={job.top_k} items for rows {short[:20]}")
+                out[i] = RecallAnswer([u.ids for u in mine], [u.scores for u in mine], notes, name)
+        return out
+
+    @staticmethod
+    def _within_search_limit(v: ModelVersion, jobs: Sequence[RecallJob], members: list[int],
+                             out: list[Any]) -> list[int]:
+        """Jobs whose top_k + history to leave out the index can answer; the others fail alone."""
+        try:
+            with deadline_scope(1.0):
+                index = v.index()
+        except MilvusIndexError:
+            return members  # not connected: the search reconnects, retries and says why
+        cap = MAX_TOP_K
+        ef = index.search_params.get("ef") if index.index_type == "HNSW" else None
+        if ef is not None:
+            cap = min(cap, int(ef))
+        keep = []
+        for i in members:
+            job = jobs[i]
+            need = job.top_k + (max(len(set(h)) for h in job.histories) if job.exclude_history else 0)
+            if need > cap:
+                out[i] = MilvusRequestRejected(
+                    f"top_k {need} (with the history items to leave out) is over {cap}, the most this "
+                    f"index answers" + (f" (milvus.search_params.ef = {ef})" if ef is not None else ""))
+            else:
+                keep.append(i)
+        return keep
+
+    @property
+    def batching(self) -> bool:
+        return self.limits.batch_max_users > 0
+
+    def _batcher(self, stage: str) -> MicroBatcher:
+        with self._swap_lock:
+            if stage not in self._batchers:
+                run = self.run_tower if stage == "user tower" else self.run_search
+                lim = self.limits
+                self._batchers[stage] = MicroBatcher(stage, run, lim.batch_max_users,
+                                                     lim.batch_window_ms / 1000, lim.queue_max_users)
+            return self._batchers[stage]
+
+    def submit_tower(self, job: RecallJob) -> Future:
+        """The user-tower stage of ``job`` (batched); the future's result is the job, with interests."""
+        return self._stage("user tower", job)
+
+    def submit_search(self, job: RecallJob) -> Future:
+        """The Milvus stage of a job that has its interests; the future's result is a RecallAnswer."""
+        return self._stage("search", job)
+
+    def _stage(self, stage: str, job: RecallJob) -> Future:
+        if self.batching:
+            return self._batcher(stage).submit(job, job.users, job.deadline)
+        done: Future = Future()
+        run = self.run_tower if stage == "user tower" else self.run_search
+        result = run([job])[0]
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+        return done
+
+    def tower(self, job: RecallJob) -> RecallJob:
+        return _wait(self.submit_tower(job), job.deadline)
+
+    def finish(self, job: RecallJob) -> RecallAnswer:
+        return _wait(self.submit_search(job), job.deadline)
+
+    async def recall_async(self, job: RecallJob) -> RecallAnswer:
+        """Both stages without parking a thread per waiting request (the REST API's path)."""
+        job = await asyncio.wrap_future(self.submit_tower(job))
+        return await asyncio.wrap_future(self.submit_search(job))
+
+    def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
+               exclude_history: bool = False, filter: str | None = None,
+               timeout_ms: Any = None) -> RecallAnswer:
+        job = self.prepare(histories, top_k, exclude_history, filter, timeout_ms)
+        return self.finish(self.tower(job))
+
+    def batch_stats(self) -> dict[str, Any]:
+        with self._swap_lock:
+            return {stage: b.stats() for stage, b in self._batchers.items()}
 
     def health(self) -> dict[str, Any]:
         """What /health and the pipeline report: "ok" only when recall would answer items."""
@@ -415,4 +600,45 @@ class RecallService:
         return out
 
     def close(self) -> None:
+        with self._swap_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for b in batchers:
+            b.close()
         self.reset_index()
+
+
+@dataclass
+class RecallJob:
+    """One checked, encoded request on its way through the stages. Plain data, so the pipeline
+    can pass it between Ops (pickled in process mode); the version travels by name."""
+
+    histories: list[list[Any]]  # raw ids as sent (exclude_history leaves them out)
+    hist: np.ndarray  # [users, maxlen] dense ids
+    seq_len: np.ndarray  # [users]
+    top_k: int
+    exclude_history: bool
+    filter: str | None
+    notes: list[str]
+    model_version: str
+    deadline: float  # time.monotonic() (system-wide on Linux: valid in the pipeline's processes)
+    interests: np.ndarray | None = None  # [users, K, dim], after the tower stage
+
+    @property
+    def users(self) -> int:
+        return len(self.seq_len)
+
+
+def _group(jobs: Sequence[RecallJob], key: Callable[[RecallJob], Any]) -> dict[Any, list[int]]:
+    groups: dict[Any, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(key(job), []).append(i)
+    return groups
+
+
+def _wait(future: Future, deadline: float) -> Any:
+    """A thread's wait for its stage: the batch runs by the deadline, plus the Milvus calls'
+    own grace (a stage already running is not abandoned half-way)."""
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()) + 30.0)
+    except FuturesTimeout:
+        raise DeadlineExceeded("the request's deadline passed while it waited for its stage") from None

@@ -88,20 +88,30 @@ class ServingLimits:
     max_body_bytes: int = 8 * 1024 * 1024  # request bodies, chunked ones included
     milvus_timeout: float = 10.0  # the worst case for all Milvus work of one request, retries included
     milvus_retries: int = 2  # retries of a transient Milvus failure within that time
+    # micro-batching (paddlerec_milvus.batching): concurrent requests share one tower call and one
+    # Milvus search; 0 = every request runs alone (the unbatched path)
+    batch_max_users: int = 64  # history rows per batch
+    batch_window_ms: float = 1.0  # once requests overlap, wait this long for more (a lone one never waits)
+    queue_max_users: int = 256  # users waiting per stage; past it a request is refused (HTTP 429, err_no 54)
+    request_timeout: float = 10.0  # a request's deadline (a request may ask for less: timeout_ms)
 
     _ENV_NAMES = {"max_users": "MAX_USERS", "max_history": "MAX_HISTORY", "max_top_k": "MAX_TOP_K",
                   "default_top_k": "DEFAULT_TOP_K", "max_upsert": "MAX_UPSERT",
                   "max_body_bytes": "MAX_BODY_BYTES", "milvus_timeout": "TIMEOUT",
-                  "milvus_retries": "MILVUS_RETRIES"}
+                  "milvus_retries": "MILVUS_RETRIES", "batch_max_users": "BATCH_MAX_USERS",
+                  "batch_window_ms": "BATCH_WINDOW_MS", "queue_max_users": "QUEUE_MAX_USERS",
+                  "request_timeout": "REQUEST_TIMEOUT"}
+    _FLOATS = frozenset({"milvus_timeout", "batch_window_ms", "request_timeout"})
+    _ZERO_OK = frozenset({"milvus_retries", "batch_max_users", "batch_window_ms"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            kind = float if f.name == "milvus_timeout" else int
+            kind = float if f.name in self._FLOATS else int
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     (kind is int and not isinstance(value, int)):
                 raise ConfigError(f"serving limit {f.name} = {value!r} must be {kind.__name__}")
-            low = 0 if f.name == "milvus_retries" else 1e-3 if kind is float else 1
+            low = 0 if f.name in self._ZERO_OK else 1e-3 if kind is float else 1
             if value < low:
                 raise ConfigError(f"serving limit {f.name} = {value!r} must be >= {low:g}")
         if self.default_top_k > self.max_top_k:
@@ -123,7 +133,7 @@ class ServingLimits:
             raw = env.get(ENV + var)
             if not raw:
                 continue
-            kind = float if name == "milvus_timeout" else int
+            kind = float if name in cls._FLOATS else int
             try:
                 values[name] = kind(raw)
             except ValueError:

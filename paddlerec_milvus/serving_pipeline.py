@@ -6,11 +6,20 @@ and encodes the answer. Paddle Serving passes string values, so requests and res
 JSON strings:
 
 request keys   ``hist_item``  ``[[id, ...], ...]`` (one history per user; a flat list = one user)
-               ``top_k`` (int), ``exclude_history`` (true/false), ``filter`` (Milvus expression)
+               ``top_k`` (int), ``exclude_history`` (true/false), ``filter`` (Milvus expression),
+               ``timeout_ms`` (this request's deadline, at most ``recall.request_timeout``)
 response keys  ``items``, ``scores`` (one list per user), ``notes`` (list of str), ``model_version``
 
 A bad request answers ``err_no`` 51 with a message naming the problem; Milvus trouble 52 (the
-service reconnects on a later request); anything else 53. The server keeps serving.
+service reconnects on a later request); overload 54 (queue full, or the deadline passed before the
+request ran: retry later); anything else 53. The server keeps serving.
+
+Each Op micro-batches (``paddlerec_milvus.batching``): requests waiting in the Op's threads share
+one tower call and one Milvus search. Paddle Serving's own Op batching (``batch_size``,
+``auto_batching_timeout``) is not used: in 0.9 it batches only the ``process`` stage, which runs
+only for Ops with a local Paddle Serving model; it merges dict inputs by ``np.append`` of array
+values, keeping the first request's other values (top_k, filter); and it waits the whole timeout
+whenever fewer than ``batch_size`` requests are queued, so a lone request pays the window.
 
 Thread mode (the default) shares one ``RecallService`` between all Op threads: Milvus Lite opens
 a ``.db`` in one process only. Process modes (``dag.is_thread_op: false`` or
@@ -36,6 +45,7 @@ import yaml
 from . import paddle_serving_compat as compat
 from .errors import (
     ConfigError,
+    DeadlineExceeded,
     MilvusIndexError,
     MilvusRequestRejected,
     MilvusUnavailable,
@@ -51,7 +61,7 @@ ERR_BAD_REQUEST = 51
 ERR_MILVUS = 52
 ERR_INTERNAL = 53
 ERR_OVERLOADED = 54
-REQUEST_KEYS = ("hist_item", "top_k", "exclude_history", "filter")
+REQUEST_KEYS = ("hist_item", "top_k", "exclude_history", "filter", "timeout_ms")
 RESPONSE_KEYS = ("items", "scores", "notes", "model_version")
 TOWER_OP, RECALL_OP = "user_tower", "recall"
 EXIT_GRACE_S = 10.0
@@ -62,12 +72,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "rpc_port": 9998,
     "http_gateway": "python",  # ours: binds host, body limit; "go": all interfaces, no limit
     "http_port": 18082,
-    "worker_num": 4,
+    "worker_num": 32,  # gRPC threads: at most this many requests in the pipeline at once
     "build_dag_each_worker": False,
     "log_dir": "../output/serving",
     "pipeline_log_level": "ERROR",
     "dag": {"is_thread_op": True, "retry": 1, "tracer": {"interval_s": -1}},
-    "op": {TOWER_OP: {"concurrency": 2}, RECALL_OP: {"concurrency": 2}},
+    # Op threads wait for their micro-batch: as many as requests should share one
+    "op": {TOWER_OP: {"concurrency": 16}, RECALL_OP: {"concurrency": 16}},
     "recall": {
         "export_dir": "../output/export",
         "milvus_uri": "",  # "" = the export's (manifest.json)
@@ -205,12 +216,16 @@ class RecallRequest:
     top_k: Any = None
     exclude_history: bool = False
     filter: str | None = None
+    timeout_ms: Any = None
 
 
 def encode_request(histories: Sequence[Sequence[int]], top_k: int | None = None,
-                   exclude_history: bool | None = None, filter: str | None = None) -> dict[str, str]:
+                   exclude_history: bool | None = None, filter: str | None = None,
+                   timeout_ms: int | None = None) -> dict[str, str]:
     """Request fields as Paddle Serving wants them: every value a string (JSON)."""
     fields = {"hist_item": json.dumps([list(map(int, h)) for h in histories])}
+    if timeout_ms is not None:
+        fields["timeout_ms"] = json.dumps(timeout_ms)
     if top_k is not None:
         fields["top_k"] = json.dumps(top_k)
     if exclude_history is not None:
@@ -259,6 +274,8 @@ def parse_request(fields: Mapping[str, Any]) -> RecallRequest:
     req = RecallRequest(hist)
     if "top_k" in fields:
         req.top_k = _json_field("top_k", fields["top_k"])
+    if "timeout_ms" in fields:
+        req.timeout_ms = _json_field("timeout_ms", fields["timeout_ms"])
     if "exclude_history" in fields:
         value = _json_field("exclude_history", fields["exclude_history"])
         if not isinstance(value, bool):
@@ -279,6 +296,8 @@ def _error(exc: BaseException) -> tuple[int, str]:
     service itself reconnects after Milvus trouble."""
     if isinstance(exc, (RequestError, MilvusRequestRejected)):
         return ERR_BAD_REQUEST, f"bad request: {exc}"
+    if isinstance(exc, DeadlineExceeded):
+        return ERR_OVERLOADED, f"deadline exceeded: {exc}"
     if isinstance(exc, Overloaded):
         return ERR_OVERLOADED, f"overloaded: {exc}"
     if isinstance(exc, MilvusIndexError):
@@ -311,41 +330,31 @@ def op_classes() -> tuple[type, type]:
             return data
 
     class UserTowerOp(_ServiceOp):
-        """Validate the request, run the user tower: raw ids -> [B, K, dim] interests."""
+        """Validate the request, run the user tower (micro-batched): raw ids -> [B, K, dim]."""
 
         def preprocess(self, input_dicts, data_id=0, log_id=0):
             try:
                 req = parse_request(self._one(input_dicts))
-                version = self.service.current()
-                top_k = self.service.check_top_k(req.top_k)
-                filter = self.service.check_filter(req.filter)
-                interests, notes = self.service.interests(req.histories, version)
+                job = self.service.prepare(req.histories, req.top_k, req.exclude_history, req.filter,
+                                           req.timeout_ms)
+                job = self.service.tower(job)
             except Exception as exc:
                 return (None, True, *_error(exc))
-            # the version travels with the request: the recall Op searches that export's vectors
-            return ({"interests": interests, "histories": req.histories, "top_k": top_k,
-                     "exclude_history": req.exclude_history, "filter": filter, "notes": notes,
-                     "model_version": version.version}, True, None, "")
+            # the job carries its model version: the recall Op searches that export's vectors
+            return ({"job": job}, True, None, "")
 
     class RecallOp(_ServiceOp):
-        """K Milvus searches per user, merged (RecallService.search); encode the answer."""
+        """K Milvus searches per user, merged (micro-batched); encode the answer."""
 
         def preprocess(self, input_dicts, data_id=0, log_id=0):
-            data = self._one(input_dicts)
             try:
-                version = self.service.version(data["model_version"])
-                results = self.service.search(data["interests"], data["histories"], data["top_k"],
-                                              data["exclude_history"], data["filter"], version)
+                ans = self.service.finish(self._one(input_dicts)["job"])
             except Exception as exc:
                 return (None, True, *_error(exc))
-            notes = list(data["notes"])
-            short = [i for i, r in enumerate(results) if len(r.ids) < data["top_k"]]
-            if short and data["filter"]:
-                notes.append(f"filter left fewer than top_k={data['top_k']} items for rows {short[:20]}")
-            return ({"items": json.dumps([r.ids for r in results]),
-                     "scores": json.dumps([[round(s, 6) for s in r.scores] for r in results]),
-                     "notes": json.dumps(notes),
-                     "model_version": version.version}, True, None, "")
+            return ({"items": json.dumps(ans.items),
+                     "scores": json.dumps([[round(s, 6) for s in row] for row in ans.scores]),
+                     "notes": json.dumps(ans.notes),
+                     "model_version": ans.model_version}, True, None, "")
 
     return UserTowerOp, RecallOp
 

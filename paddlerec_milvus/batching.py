@@ -1,0 +1,178 @@
+"""Micro-batching for online recall: concurrent requests share one user-tower call and one Milvus
+search, because the CPU goes per call, not per user (one request of 16 users costs ~2x one of
+1 user, 16 requests of 1 user cost 16x).
+
+A ``MicroBatcher`` owns one worker thread and a bounded queue. The worker takes every request
+queued while its previous batch ran (and, once it has seen concurrency, those arriving within a
+short window), runs them as one batch and hands each caller its own result through a
+``concurrent.futures.Future``: a thread may wait on it, an asyncio handler awaits it without
+parking a thread. A lone request never waits for the window, so batching costs it nothing.
+
+Admission is where overload is decided: a request that would exceed the queue's bound in users,
+or whose estimated wait passes its deadline, is refused at once (``Overloaded``) instead of
+queueing and making every later request slower; a queued request whose deadline has passed when
+its turn comes is answered ``DeadlineExceeded`` and never run.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .errors import DeadlineExceeded, Overloaded
+
+logger = logging.getLogger(__name__)
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+@dataclass
+class _Entry:
+    job: Any
+    users: int
+    deadline: float  # time.monotonic()
+    future: Future
+    queued_at: float
+
+
+class MicroBatcher(Generic[J, R]):
+    """``submit(job, users, deadline) -> Future``; ``run_batch(jobs)`` returns one result or
+    exception per job, in order (an exception fails only its own job)."""
+
+    def __init__(self, name: str, run_batch: Callable[[list[J]], Sequence[R | BaseException]],
+                 max_users: int = 64, window_s: float = 0.001, max_queue_users: int = 256):
+        self.name = name
+        self.max_users = max(1, max_users)
+        self.window_s = max(0.0, window_s)
+        self.max_queue_users = max(1, max_queue_users)
+        self._run_batch = run_batch
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._cond = threading.Condition()
+        self._queued_users = 0
+        self._closed = False
+        self._seen_concurrency = False  # the last batch held more than one request
+        self._cost_per_user = 0.0  # EWMA of batch wall time / users, for the wait estimate
+        self.batches = self.jobs = self.refused = self.expired = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"batcher-{name}")
+        self._thread.start()
+
+    # -- callers ---------------------------------------------------------------------------
+    def submit(self, job: J, users: int, deadline: float) -> Future:
+        """Queue ``job`` (``users`` history rows) to run before ``deadline`` (monotonic), or raise
+        ``Overloaded`` now if it cannot."""
+        future: Future = Future()
+        now = time.monotonic()
+        with self._cond:
+            if self._closed:
+                raise Overloaded(f"{self.name}: the service is stopping")
+            busy = bool(self._queue)
+            if busy and self._queued_users + users > self.max_queue_users:
+                self.refused += 1
+                raise Overloaded(f"{self._queued_users} users already queued for the {self.name} "
+                                 f"stage (limit {self.max_queue_users}); retry shortly")
+            wait = (self._queued_users + users) * self._cost_per_user
+            if busy and now + wait > deadline:
+                self.refused += 1
+                raise Overloaded(f"the {self.name} stage would start this request in ~{wait * 1e3:.0f} ms, "
+                                 f"after its deadline ({max(0.0, deadline - now) * 1e3:.0f} ms left)")
+            self._queue.append(_Entry(job, users, deadline, future, now))
+            self._queued_users += users
+            self._cond.notify()
+        return future
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"queued_users": self._queued_users, "batches": self.batches, "jobs": self.jobs,
+                    "mean_batch_jobs": round(self.jobs / self.batches, 2) if self.batches else None,
+                    "refused": self.refused, "expired": self.expired,
+                    "max_users": self.max_users, "max_queue_users": self.max_queue_users,
+                    "window_ms": self.window_s * 1e3}
+
+    def close(self) -> None:
+        """Stop the worker; queued requests are answered ``Overloaded`` (stopping)."""
+        with self._cond:
+            self._closed = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_users = 0
+            self._cond.notify_all()
+        for e in left:
+            if e.future.set_running_or_notify_cancel():
+                e.future.set_exception(Overloaded(f"{self.name}: the service is stopping"))
+        self._thread.join(timeout=5)
+
+    # -- the worker ------------------------------------------------------------------------
+    def _take(self, batch: list[_Entry], users: int) -> int:
+        """Move queued entries into ``batch`` up to max_users (the first one always fits).
+        Caller holds the lock."""
+        while self._queue and (not batch or users + self._queue[0].users <= self.max_users):
+            e = self._queue.popleft()
+            self._queued_users -= e.users
+            batch.append(e)
+            users += e.users
+        return users
+
+    def _collect(self) -> list[_Entry] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            batch: list[_Entry] = []
+            users = self._take(batch, 0)
+            if self.window_s and self._seen_concurrency:
+                end = batch[0].queued_at + self.window_s
+                while users < self.max_users and not self._closed:
+                    left = end - time.monotonic()
+                    if left <= 0 or (self._queue and users + self._queue[0].users > self.max_users):
+                        break
+                    if not self._queue:
+                        self._cond.wait(left)
+                    users = self._take(batch, users)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            now = time.monotonic()
+            live = []
+            for e in batch:
+                if not e.future.set_running_or_notify_cancel():
+                    continue  # the caller went away (cancelled): nothing to run for it
+                if e.deadline <= now:
+                    self.expired += 1
+                    e.future.set_exception(DeadlineExceeded(
+                        f"the request's deadline passed after {(now - e.queued_at) * 1e3:.0f} ms in the "
+                        f"{self.name} queue (the service is overloaded); it was not run"))
+                    continue
+                live.append(e)
+            if not live:
+                continue
+            self._seen_concurrency = len(live) > 1
+            t0 = time.perf_counter()
+            try:
+                results = list(self._run_batch([e.job for e in live]))
+                if len(results) != len(live):
+                    raise RuntimeError(f"{self.name}: run_batch returned {len(results)} results "
+                                       f"for {len(live)} jobs")
+            except BaseException as exc:  # noqa: BLE001 - every caller gets the batch's failure
+                results = [exc] * len(live)
+            took = time.perf_counter() - t0
+            users = sum(e.users for e in live)
+            per_user = took / users
+            self._cost_per_user = per_user if not self.batches else 0.8 * self._cost_per_user + 0.2 * per_user
+            self.batches += 1
+            self.jobs += len(live)
+            for e, r in zip(live, results):
+                if isinstance(r, BaseException):
+                    e.future.set_exception(r)
+                else:
+                    e.future.set_result(r)
