@@ -377,9 +377,11 @@ class RecallService:
         dead Milvus Lite child is restarted, on the next call) or ``CollectionUnavailable``
         (dropped, empty, not exported). An answer is never silently empty."""
         left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("the request's deadline passed before its Milvus search; not run")
-        with deadline_scope(min(self.limits.milvus_timeout, left)):
+        if left <= 0.05:  # too little for a search: not sent (and no reconnect for it)
+            raise DeadlineExceeded(f"the request's deadline ({max(0.0, left) * 1e3:.0f} ms left) is too "
+                                   "close for its Milvus search; it was not run")
+        budget = min(self.limits.milvus_timeout, left)
+        with deadline_scope(budget):
             for attempt in range(2):
                 index = None
                 try:
@@ -388,7 +390,12 @@ class RecallService:
                     if not all(r.ids for r in results):
                         self._explain_empty(v, filtered=bool(filter))
                     return results
-                except MilvusUnavailable:
+                except MilvusUnavailable as exc:
+                    if budget < self.limits.milvus_timeout and time.monotonic() >= deadline - 0.05:
+                        # the request's own (short) deadline ran out, not the Milvus timeout:
+                        # no sign the connection is bad, so keep it
+                        raise DeadlineExceeded(f"Milvus did not answer within the request's deadline "
+                                               f"({budget * 1e3:.0f} ms): {exc}") from None
                     v.reset_index(index)  # reconnect (and restart a dead Lite child) on the retry
                     if attempt == 1:
                         raise
