@@ -75,8 +75,8 @@ class Pipeline:
         self.endpoint = f"127.0.0.1:{self.rpc_port}"
         conf = {
             "host": "127.0.0.1", "rpc_port": self.rpc_port, "http_port": self.http_port,
-            "worker_num": 4, "log_dir": "logs",  # relative: to the config's folder
-            "op": {"user_tower": {"concurrency": 2}, "recall": {"concurrency": 2}},
+            "worker_num": 8, "log_dir": "logs",  # relative: to the config's folder
+            "op": {"user_tower": {"concurrency": 4}, "recall": {"concurrency": 4}},
             "recall": {"export_dir": export_dir, "milvus_uri": milvus_uri, "collection": collection,
                        "max_top_k": MAX_TOP_K, "max_users": MAX_USERS, "milvus_timeout": 2,
                        "milvus_retries": 0},
@@ -361,25 +361,87 @@ def test_bad_requests_say_what_is_wrong_and_serving_goes_on(lite_pipe, lite_rpc,
     assert_same_recall(lite_rpc.call({"hist_item": good, "top_k": 10}), want, "after a garbage body")
 
 
-def test_concurrent_requests_share_one_service(lite_pipe, lite_ref, lite_export):
-    hists = demo_histories(lite_export["export_dir"])
-    want = {i: lite_ref.recall([h], 15) for i, h in enumerate(hists)}
+def mixed_requests(export_dir: str) -> list[dict]:
+    """Different top_k, filters, exclude_history, multi-row, an unknown id, and a bad request."""
+    hists = demo_histories(export_dir, n=6)
+    raw = sorted(lite_raw_ids(export_dir))
+    mid = raw[len(raw) // 2]
+    return [
+        {"hist": [hists[0]], "top_k": 15},
+        {"hist": [hists[1]], "top_k": 40},
+        {"hist": [hists[2], hists[3]], "top_k": 10},
+        {"hist": [hists[4]], "top_k": 20, "exclude_history": True},
+        {"hist": [hists[5]], "top_k": 12, "filter": f"item_id > {mid}"},
+        {"hist": [hists[0] + [UNKNOWN_ID]], "top_k": 9, "filter": f"item_id <= {mid}",
+         "exclude_history": True},
+        {"hist": [[UNKNOWN_ID]], "top_k": 5},  # err_no 51, alone
+    ]
+
+
+def lite_raw_ids(export_dir: str) -> list[int]:
+    with open(os.path.join(export_dir, "item_map.tsv")) as f:
+        next(f)
+        return [int(line.split("\t")[1]) for line in f]
+
+
+def test_concurrent_mixed_requests_are_batched_and_each_gets_its_own_answer(lite_pipe, lite_ref, lite_export):
+    reqs = mixed_requests(lite_export["export_dir"])
+    want = {}
+    for i, r in enumerate(reqs[:-1]):
+        want[i] = lite_ref.recall(r["hist"], r["top_k"], r.get("exclude_history", False), r.get("filter"))
     errors: list[str] = []
+    start = threading.Barrier(8)
 
     def worker(seed: int) -> None:
+        start.wait()
         with requests.Session() as s:
-            for n in range(12):
-                i = (seed + n) % len(hists)
-                got = recall_http(lite_pipe.url, [hists[i]], 15, session=s)
-                if got["err_no"] != 0 or got["items"] != want[i].items:
-                    errors.append(f"{seed}/{n}: {got}")
+            for n in range(10):
+                i = (seed + n) % len(reqs)
+                r = reqs[i]
+                got = recall_http(lite_pipe.url, r["hist"], r["top_k"], r.get("exclude_history"),
+                                  r.get("filter"), session=s)
+                if i == len(reqs) - 1:
+                    if got["err_no"] != 51 or "none of its item ids is known" not in got["err_msg"]:
+                        errors.append(f"bad request {seed}/{n}: {got}")
+                elif got["err_no"] != 0 or got["items"] != want[i].items or got["notes"] != want[i].notes:
+                    errors.append(f"{seed}/{n} request {i}: {got}")
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
     assert not errors, errors[:3]
+
+
+def test_a_full_queue_answers_err_no_54_and_the_pipeline_recovers(lite_export, lite_ref, tmp_path):
+    import json as _json
+
+    # its own Lite copy (the module's pipeline holds the served file)
+    db = str(tmp_path / "items.db")
+    shutil.copy(lite_export["ref_uri"], db)
+    pipe = Pipeline(str(tmp_path / "serve"), lite_export["export_dir"], db, lite_export["collection"],
+                    worker_num=24, op={"user_tower": {"concurrency": 12}, "recall": {"concurrency": 12}},
+                    recall={"queue_max_users": 1, "batch_max_users": 2, "batch_window_ms": 0}).start()
+    try:
+        h = demo_histories(lite_export["export_dir"])[:1]
+        want = lite_ref.recall(h, 10)
+        body = {"key": ["hist_item", "top_k"], "value": [_json.dumps(h), "10"]}
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "http_load_child.py"), pipe.url,
+                               "20", "15"], input=_json.dumps([body]), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers = [a[3] for a in _json.loads(proc.stdout)]
+        codes = [a.get("err_no") for a in answers]
+        assert 54 in codes and 0 in codes and set(codes) <= {0, 54}, codes
+        refused = next(a for a in answers if a["err_no"] == 54)
+        assert refused["err_msg"].startswith("overloaded:") and "queued" in refused["err_msg"]
+        for a in answers:
+            if a["err_no"] == 0:
+                assert _json.loads(a["value"][a["key"].index("items")]) == want.items
+        assert_same_recall(recall_http(pipe.url, h, 10), want, "after the overload")
+    finally:
+        pipe.kill()
 
 
 def test_a_killed_milvus_lite_child_is_restarted(lite_pipe, lite_ref, lite_export):
