@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--sections quality,search,serving]``: run the benchmark
+"""``python -m benchmarks [--quick] [--sections quality,search,serving,load]``: run the benchmark
 sections and write docs/benchmarks.md, docs/benchmarks.json and docs/img/*.png."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from . import report
 from .common import BENCH_DIR, machine
 
-SECTIONS = ("quality", "search", "serving")
+SECTIONS = ("quality", "search", "serving", "load")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +69,19 @@ def _run_section(name: str, quick: bool, img: str) -> dict:
         with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
             code = ("import json, sys; from benchmarks import serving; "
                     f"json.dump(serving.run(quick={quick!r}), open(sys.argv[1], 'w'), default=str)")
+            subprocess.run([sys.executable, "-c", code, out.name], check=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            return json.load(out)
+    if name == "load":
+        # Its own process too: it imports bench_serving (which picks protobuf's pure-Python backend
+        # for this process) and starts servers and load generators as child processes.
+        import subprocess
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+            code = ("import json, sys; from benchmarks import serving_load; "
+                    f"json.dump(serving_load.run(quick={quick!r}, out_img_dir={img!r}), "
+                    "open(sys.argv[1], 'w'), default=str)")
             subprocess.run([sys.executable, "-c", code, out.name], check=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             return json.load(out)

@@ -139,12 +139,15 @@ def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> 
         figures.update(q["figures"])
         lines += quality_section(q, out_dir)
     for key, title in (("search", "## 3. Vector search"), ("serving", "## 4. Serving"),
+                       ("load", "## 4b. Serving under load (external load generators)"),
                        ("gpu", "## 5. GPU")):
         if key not in results:
             continue
         sec = results[key]
         figures.update(sec.get("figures", {}))
         lines += [title, ""] + sec.get("intro", []) + [""] + table(sec.get("rows", [])) + [""]
+        for t in sec.get("tables", []):  # more tables: {"title": ..., "rows": [...]}
+            lines += [t["title"], ""] + table(t["rows"]) + [""]
         for p in sec.get("plots", []):
             lines += [f"![{key}]({os.path.relpath(p, out_dir)})", ""]
     notes = [n for sec in results.values() for n in sec.get("notes", [])]
