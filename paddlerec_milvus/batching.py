@@ -59,6 +59,7 @@ class MicroBatcher(Generic[J, R]):
         self._seen_concurrency = False  # the last batch held more than one request
         self._cost_per_user = 0.0  # EWMA of batch wall time / users, for the wait estimate
         self.batches = self.jobs = self.refused = self.expired = 0
+        self.busy_s = self.cpu_s = 0.0  # wall and this thread's CPU time in run_batch
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"batcher-{name}")
         self._thread.start()
 
@@ -91,6 +92,7 @@ class MicroBatcher(Generic[J, R]):
             return {"queued_users": self._queued_users, "batches": self.batches, "jobs": self.jobs,
                     "mean_batch_jobs": round(self.jobs / self.batches, 2) if self.batches else None,
                     "refused": self.refused, "expired": self.expired,
+                    "busy_s": round(self.busy_s, 3), "cpu_s": round(self.cpu_s, 3),
                     "max_users": self.max_users, "max_queue_users": self.max_queue_users,
                     "window_ms": self.window_s * 1e3}
 
@@ -157,7 +159,7 @@ class MicroBatcher(Generic[J, R]):
             if not live:
                 continue
             self._seen_concurrency = len(live) > 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 results = list(self._run_batch([e.job for e in live]))
                 if len(results) != len(live):
@@ -166,11 +168,14 @@ class MicroBatcher(Generic[J, R]):
             except BaseException as exc:  # noqa: BLE001 - every caller gets the batch's failure
                 results = [exc] * len(live)
             took = time.perf_counter() - t0
-            users = sum(e.users for e in live)
-            per_user = took / users
-            self._cost_per_user = per_user if not self.batches else 0.8 * self._cost_per_user + 0.2 * per_user
-            self.batches += 1
-            self.jobs += len(live)
+            per_user = took / sum(e.users for e in live)
+            with self._cond:
+                self.busy_s += took
+                self.cpu_s += time.thread_time() - c0
+                self._cost_per_user = per_user if not self.batches else \
+                    0.8 * self._cost_per_user + 0.2 * per_user
+                self.batches += 1
+                self.jobs += len(live)
             for e, r in zip(live, results):
                 if isinstance(r, BaseException):
                     e.future.set_exception(r)

@@ -89,6 +89,29 @@ def save_user_tower(model, maxlen: int, out_dir: str) -> tuple[str, str]:
     raise RuntimeError(f"paddle.jit.save wrote no model file in {out_dir}")
 
 
+def check_tower_parity(model, folder: str, model_file: str, params_file: str, item_count: int,
+                       maxlen: int, use_gpu: bool = False, users: int = 64, atol: float = 1e-3) -> float:
+    """The saved tower, run as serving runs it (``UserTowerPredictor``), must give the dygraph
+    model's interests: a predictor setting or graph pass that changes the numbers (Paddle 3.3's
+    default oneDNN passes did, by up to 12) fails the export instead of serving wrong answers."""
+    from .service import UserTowerPredictor  # paddle.inference: loaded only for the check
+
+    rng = np.random.default_rng(0)
+    seq_len = rng.integers(1, maxlen + 1, users).astype(np.int64)
+    hist = rng.integers(1, max(2, item_count), (users, maxlen)).astype(np.int64)
+    hist[np.arange(maxlen)[None, :] >= seq_len[:, None]] = 0  # padded as the readers pad
+    want = UserTower(model)(paddle.to_tensor(hist), paddle.to_tensor(seq_len)).numpy()
+    probe = Manifest("parity", 0, want.shape[-1], want.shape[1], maxlen, item_count, 0, "", "", "",
+                     model_file, params_file)
+    got = UserTowerPredictor(folder, probe, use_gpu=use_gpu)(hist, seq_len)
+    diff = float(np.abs(got - want).max())
+    if got.shape != want.shape or diff > atol * max(1.0, float(np.abs(want).max())):
+        raise ConfigError(f"the exported user tower disagrees with the trained model (max |diff| "
+                          f"{diff:.4g}, shapes {list(got.shape)} vs {list(want.shape)}): the "
+                          "inference predictor would serve wrong interests; export aborted")
+    return diff
+
+
 def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = None,
                  collection: str | None = None) -> Manifest:
     """Write the serving folder and fill the serving collection; returns the manifest."""
@@ -138,6 +161,7 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     try:
         with _sigterm_as_interrupt():
             model_file, params_file = save_user_tower(model, maxlen, tmp)
+            check_tower_parity(model, tmp, model_file, params_file, item_count, maxlen, use_gpu=False)
             np.save(os.path.join(tmp, ITEM_VECTORS), vectors.astype(np.float32))  # row i = id i+1
             with open(os.path.join(tmp, ITEM_MAP), "w", encoding="utf-8") as f:
                 f.write("item_id\traw_id\n")
