@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -55,10 +56,11 @@ class MicroBatcher(Generic[J, R]):
         self._queue: collections.deque[_Entry] = collections.deque()
         self._cond = threading.Condition()
         self._queued_users = 0
+        self._running = 0  # batches running now (the worker's, and callers' own inline runs)
         self._closed = False
         self._seen_concurrency = False  # the last batch held more than one request
         self._cost_per_user = 0.0  # EWMA of batch wall time / users, for the wait estimate
-        self.batches = self.jobs = self.refused = self.expired = 0
+        self.batches = self.jobs = self.refused = self.expired = self.inline = 0
         self.busy_s = self.cpu_s = 0.0  # wall and this thread's CPU time in run_batch
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"batcher-{name}")
         self._thread.start()
@@ -87,11 +89,52 @@ class MicroBatcher(Generic[J, R]):
             self._cond.notify()
         return future
 
+    def call(self, job: J, users: int, deadline: float) -> R:
+        """For a caller that has a thread of its own (a pipeline Op): when nothing is queued or
+        running, run the job here at once (no hand-off to the worker, so a lone request costs what
+        it costs unbatched); else queue it with the others and wait for its batch."""
+        if deadline <= time.monotonic():
+            with self._cond:
+                self.expired += 1
+            raise DeadlineExceeded(f"the request's deadline passed before the {self.name} stage; "
+                                   "it was not run")
+        with self._cond:
+            alone = not self._queue and not self._running and not self._closed
+            if alone:
+                self._running += 1
+        if not alone:
+            future = self.submit(job, users, deadline)
+            try:
+                return future.result(timeout=max(0.0, deadline - time.monotonic()) + 30.0)
+            except FuturesTimeout:
+                raise DeadlineExceeded(f"the request's deadline passed while it waited for the "
+                                       f"{self.name} stage") from None
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            result = self._run_batch([job])[0]
+        finally:
+            self._account(time.perf_counter() - t0, time.thread_time() - c0, users, 1, inline=True)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _account(self, took: float, cpu: float, users: int, jobs: int, inline: bool = False) -> None:
+        per_user = took / max(1, users)
+        with self._cond:
+            self._running -= 1
+            self.busy_s += took
+            self.cpu_s += cpu
+            self._cost_per_user = per_user if not self.batches else \
+                0.8 * self._cost_per_user + 0.2 * per_user
+            self.batches += 1
+            self.jobs += jobs
+            self.inline += inline
+
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return {"queued_users": self._queued_users, "batches": self.batches, "jobs": self.jobs,
                     "mean_batch_jobs": round(self.jobs / self.batches, 2) if self.batches else None,
-                    "refused": self.refused, "expired": self.expired,
+                    "refused": self.refused, "expired": self.expired, "inline": self.inline,
                     "busy_s": round(self.busy_s, 3), "cpu_s": round(self.cpu_s, 3),
                     "max_users": self.max_users, "max_queue_users": self.max_queue_users,
                     "window_ms": self.window_s * 1e3}
@@ -137,6 +180,7 @@ class MicroBatcher(Generic[J, R]):
                     if not self._queue:
                         self._cond.wait(left)
                     users = self._take(batch, users)
+            self._running += 1
             return batch
 
     def _loop(self) -> None:
@@ -157,6 +201,8 @@ class MicroBatcher(Generic[J, R]):
                     continue
                 live.append(e)
             if not live:
+                with self._cond:
+                    self._running -= 1
                 continue
             self._seen_concurrency = len(live) > 1
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -167,15 +213,8 @@ class MicroBatcher(Generic[J, R]):
                                        f"for {len(live)} jobs")
             except BaseException as exc:  # noqa: BLE001 - every caller gets the batch's failure
                 results = [exc] * len(live)
-            took = time.perf_counter() - t0
-            per_user = took / sum(e.users for e in live)
-            with self._cond:
-                self.busy_s += took
-                self.cpu_s += time.thread_time() - c0
-                self._cost_per_user = per_user if not self.batches else \
-                    0.8 * self._cost_per_user + 0.2 * per_user
-                self.batches += 1
-                self.jobs += len(live)
+            self._account(time.perf_counter() - t0, time.thread_time() - c0,
+                          sum(e.users for e in live), len(live))
             for e, r in zip(live, results):
                 if isinstance(r, BaseException):
                     e.future.set_exception(r)

@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 _PIPELINE_LOGGER = "paddle_serving_server"
 _PRINTING_MODULES = ("pipeline_client", "operator", "pipeline_server", "dag", "error_catch", "analyse")
 GATEWAYS = ("python", "go")
+ERR_OVERLOADED = 54  # = serving_pipeline.ERR_OVERLOADED
+ARRIVAL_KEY = "pipeline.arrival"  # added to each request: time.monotonic() when the servicer got it
 _load_lock = threading.Lock()
 
 
@@ -279,12 +281,34 @@ def checked_servicer_class() -> type:
     from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
     class CheckedPipelineServicer(PipelineServicer):
+        max_inflight: int | None = None  # requests in the DAG at once; past it err_no 54 at once
+        _inflight = 0
+        _lock = threading.Lock()
+
         def inference(self, request: Any, context: Any) -> Any:
             problem = request_problem(request)
             if problem is not None:
                 return pipeline_service_pb2.Response(err_no=ERR_BAD_REQUEST,
                                                      err_msg=f"bad request: {problem}")
-            return super().inference(request, context)
+            limit = self.max_inflight
+            if limit is not None:
+                with self._lock:
+                    busy = self._inflight >= limit
+                    if not busy:
+                        type(self)._inflight += 1
+                if busy:  # refused by a free gRPC thread, before the DAG queues it
+                    return pipeline_service_pb2.Response(
+                        err_no=ERR_OVERLOADED, err_msg=f"overloaded: {limit} requests already in the "
+                                                       "pipeline; retry shortly")
+            # the request's arrival: its deadline counts from here (RecallService.prepare)
+            request.key.append(ARRIVAL_KEY)
+            request.value.append(repr(time.monotonic()))
+            try:
+                return super().inference(request, context)
+            finally:
+                if limit is not None:
+                    with self._lock:
+                        type(self)._inflight -= 1
 
     return CheckedPipelineServicer
 
@@ -382,13 +406,14 @@ class PipelineRunner:
 
     def __init__(self, name: str, response_op: Any, conf: dict[str, Any], host: str = "127.0.0.1",
                  log_dir: str | None = None, gateway: str = "python",
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_inflight: int | None = None):
         if gateway not in GATEWAYS:
             raise ServingCompatError(f"gateway = {gateway!r}: expected one of {list(GATEWAYS)}")
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
             raise ServingCompatError(f"max_body_bytes = {max_body_bytes!r} must be an integer >= 1024")
         self.name, self.response_op, self.conf, self.host = name, response_op, conf, host
         self.log_dir, self.gateway, self.max_body_bytes = log_dir, gateway, max_body_bytes
+        self.max_inflight = max_inflight
         self.rpc_port: int = int(conf["rpc_port"])
         self.http_port: int | None = conf.get("http_port")
         self._server: Any = None
@@ -475,6 +500,13 @@ class PipelineRunner:
                 import grpc
 
                 self._servicer = checked_servicer_class()(self.name, self.response_op, conf)
+                if self.max_inflight:
+                    self._servicer.max_inflight = min(self.max_inflight, conf["worker_num"])
+                    if self.max_inflight >= conf["worker_num"]:
+                        logger.warning("max_inflight %d >= worker_num %d: requests past %d wait in "
+                                       "gRPC's queue for a thread instead of being refused at once; "
+                                       "set worker_num above max_inflight", self.max_inflight,
+                                       conf["worker_num"], conf["worker_num"])
                 self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=conf["worker_num"]),
                                          options=grpc_server_options(self.max_body_bytes))
                 pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(self._servicer, self._grpc)

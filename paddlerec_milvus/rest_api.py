@@ -292,6 +292,7 @@ class RequestGuard:
     def __init__(self, app: Any, settings: ApiSettings):
         self.app, self.s = app, settings
         self.any_host = "*" in settings.allowed_hosts
+        self.recalls_in_flight = 0  # one event loop: no lock needed
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -301,6 +302,21 @@ class RequestGuard:
         problem = self._check(scope, headers, host)
         if problem:
             return await _send_json(send, *problem)
+        if scope["path"] == "/rec/recall":
+            # past max_inflight, refuse before reading the body: a refusal must cost far less than
+            # an answer, or overload would still pile up in the event loop
+            limit = self.s.limits.max_inflight
+            if self.recalls_in_flight >= limit:
+                return await _send_json(send, 429, f"overloaded: {limit} recall requests already in "
+                                                   "progress; retry shortly", {"Retry-After": "1"})
+            self.recalls_in_flight += 1
+            try:
+                return await self._serve(scope, receive, send, headers)
+            finally:
+                self.recalls_in_flight -= 1
+        return await self._serve(scope, receive, send, headers)
+
+    async def _serve(self, scope: dict, receive: Any, send: Any, headers: dict[str, str]) -> None:
         limit = self.s.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None:

@@ -427,9 +427,10 @@ class RecallService:
     # -- requests as jobs: alone or micro-batched -----------------------------------------
     def prepare(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                 exclude_history: bool = False, filter: str | None = None,
-                timeout_ms: Any = None) -> RecallJob:
+                timeout_ms: Any = None, arrival: float | None = None) -> RecallJob:
         """Check a request and encode it; every mistake is a ``RequestError`` here, before it can
-        join a batch (a bad request never fails its batch-mates)."""
+        join a batch (a bad request never fails its batch-mates). The deadline counts from
+        ``arrival`` (time.monotonic() when the server got it) when given, else from now."""
         v = self.current()
         top_k = self.check_top_k(top_k)
         filter = self.check_filter(filter)
@@ -445,8 +446,9 @@ class RecallService:
                 raise RequestError(f"top_k {top_k} + {longest} history items to leave out is over "
                                    f"Milvus's limit {MAX_TOP_K}")
         hist, seq_len, notes = self.encode(histories, v)
+        start = time.monotonic() if arrival is None else min(arrival, time.monotonic())
         return RecallJob([list(h) for h in histories], hist, seq_len, top_k, bool(exclude_history),
-                         filter, notes, v.version, time.monotonic() + timeout)
+                         filter, notes, v.version, start + timeout)
 
     def run_tower(self, jobs: Sequence[RecallJob]) -> list[RecallJob | BaseException]:
         """The user tower for many jobs: one predictor call per model version."""
@@ -528,51 +530,55 @@ class RecallService:
     def batching(self) -> bool:
         return self.limits.batch_max_users > 0
 
+    def run_recall(self, jobs: Sequence[RecallJob]) -> list[RecallAnswer | BaseException]:
+        """Both stages for many jobs (the REST API's one stage: one hand-off per request)."""
+        out: list[RecallAnswer | BaseException] = list(self.run_tower(jobs))  # type: ignore[arg-type]
+        ready = [i for i, r in enumerate(out) if not isinstance(r, BaseException)]
+        for i, answer in zip(ready, self.run_search([jobs[i] for i in ready])):
+            out[i] = answer
+        return out
+
     def _batcher(self, stage: str) -> MicroBatcher:
         with self._swap_lock:
             if stage not in self._batchers:
-                run = self.run_tower if stage == "user tower" else self.run_search
                 lim = self.limits
-                self._batchers[stage] = MicroBatcher(stage, run, lim.batch_max_users,
+                self._batchers[stage] = MicroBatcher(stage, self._stages[stage], lim.batch_max_users,
                                                      lim.batch_window_ms / 1000, lim.queue_max_users)
             return self._batchers[stage]
 
-    def submit_tower(self, job: RecallJob) -> Future:
-        """The user-tower stage of ``job`` (batched); the future's result is the job, with interests."""
-        return self._stage("user tower", job)
+    @property
+    def _stages(self) -> dict[str, Callable[[Sequence[RecallJob]], list[Any]]]:
+        return {"user tower": self.run_tower, "search": self.run_search, "recall": self.run_recall}
 
-    def submit_search(self, job: RecallJob) -> Future:
-        """The Milvus stage of a job that has its interests; the future's result is a RecallAnswer."""
-        return self._stage("search", job)
-
-    def _stage(self, stage: str, job: RecallJob) -> Future:
+    def _run(self, stage: str, job: RecallJob) -> Any:
+        """A thread's request through one stage: batched with whatever else is waiting (run at
+        once when nothing is), or alone when batching is off."""
         if self.batching:
-            return self._batcher(stage).submit(job, job.users, job.deadline)
-        done: Future = Future()
-        run = self.run_tower if stage == "user tower" else self.run_search
-        result = run([job])[0]
+            return self._batcher(stage).call(job, job.users, job.deadline)
+        if job.deadline <= time.monotonic():
+            raise DeadlineExceeded(f"the request's deadline passed before the {stage} stage; it was not run")
+        result = self._stages[stage]([job])[0]
         if isinstance(result, BaseException):
-            done.set_exception(result)
-        else:
-            done.set_result(result)
-        return done
+            raise result
+        return result
 
     def tower(self, job: RecallJob) -> RecallJob:
-        return _wait(self.submit_tower(job), job.deadline)
+        """The user-tower stage (the pipeline's first Op): the job, with its interests."""
+        return self._run("user tower", job)
 
     def finish(self, job: RecallJob) -> RecallAnswer:
-        return _wait(self.submit_search(job), job.deadline)
+        """The Milvus stage of a job that has its interests (the pipeline's second Op)."""
+        return self._run("search", job)
 
     async def recall_async(self, job: RecallJob) -> RecallAnswer:
         """Both stages without parking a thread per waiting request (the REST API's path)."""
-        job = await asyncio.wrap_future(self.submit_tower(job))
-        return await asyncio.wrap_future(self.submit_search(job))
+        return await asyncio.wrap_future(self._batcher("recall").submit(job, job.users, job.deadline))
 
     def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                exclude_history: bool = False, filter: str | None = None,
                timeout_ms: Any = None) -> RecallAnswer:
         job = self.prepare(histories, top_k, exclude_history, filter, timeout_ms)
-        return self.finish(self.tower(job))
+        return self._run("recall", job)
 
     def batch_stats(self) -> dict[str, Any]:
         with self._swap_lock:
@@ -644,12 +650,3 @@ def _group(jobs: Sequence[RecallJob], key: Callable[[RecallJob], Any]) -> dict[A
     for i, job in enumerate(jobs):
         groups.setdefault(key(job), []).append(i)
     return groups
-
-
-def _wait(future: Future, deadline: float) -> Any:
-    """A thread's wait for its stage: the batch runs by the deadline, plus the Milvus calls'
-    own grace (a stage already running is not abandoned half-way)."""
-    try:
-        return future.result(timeout=max(0.0, deadline - time.monotonic()) + 30.0)
-    except FuturesTimeout:
-        raise DeadlineExceeded("the request's deadline passed while it waited for its stage") from None

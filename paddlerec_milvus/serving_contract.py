@@ -94,13 +94,14 @@ class ServingLimits:
     batch_window_ms: float = 1.0  # once requests overlap, wait this long for more (a lone one never waits)
     queue_max_users: int = 256  # users waiting per stage; past it a request is refused (HTTP 429, err_no 54)
     request_timeout: float = 10.0  # a request's deadline (a request may ask for less: timeout_ms)
+    max_inflight: int = 128  # recall requests in the service at once; past it refused before the body is read
 
     _ENV_NAMES = {"max_users": "MAX_USERS", "max_history": "MAX_HISTORY", "max_top_k": "MAX_TOP_K",
                   "default_top_k": "DEFAULT_TOP_K", "max_upsert": "MAX_UPSERT",
                   "max_body_bytes": "MAX_BODY_BYTES", "milvus_timeout": "TIMEOUT",
                   "milvus_retries": "MILVUS_RETRIES", "batch_max_users": "BATCH_MAX_USERS",
                   "batch_window_ms": "BATCH_WINDOW_MS", "queue_max_users": "QUEUE_MAX_USERS",
-                  "request_timeout": "REQUEST_TIMEOUT"}
+                  "request_timeout": "REQUEST_TIMEOUT", "max_inflight": "MAX_INFLIGHT"}
     _FLOATS = frozenset({"milvus_timeout", "batch_window_ms", "request_timeout"})
     _ZERO_OK = frozenset({"milvus_retries", "batch_max_users", "batch_window_ms"})
 

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 ERR_BAD_REQUEST = 51
 ERR_MILVUS = 52
 ERR_INTERNAL = 53
-ERR_OVERLOADED = 54
+ERR_OVERLOADED = compat.ERR_OVERLOADED  # 54
 REQUEST_KEYS = ("hist_item", "top_k", "exclude_history", "filter", "timeout_ms")
 RESPONSE_KEYS = ("items", "scores", "notes", "model_version")
 TOWER_OP, RECALL_OP = "user_tower", "recall"
@@ -72,7 +72,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "rpc_port": 9998,
     "http_gateway": "python",  # ours: binds host, body limit; "go": all interfaces, no limit
     "http_port": 18082,
-    "worker_num": 32,  # gRPC threads: at most this many requests in the pipeline at once
+    "worker_num": 64,  # gRPC threads: above max_inflight, so a refusal always finds a free one
     "build_dag_each_worker": False,
     "log_dir": "../output/serving",
     "pipeline_log_level": "ERROR",
@@ -89,6 +89,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "scalar_fields": [],  # INT64 fields of the collection that filters may name (item_id always)
         # the serving limits (paddlerec_milvus.serving_contract.ServingLimits), same as the REST API's
         **ServingLimits().as_dict(),
+        "max_inflight": 48,  # requests in the DAG at once (below worker_num)
     },
 }
 
@@ -217,6 +218,7 @@ class RecallRequest:
     exclude_history: bool = False
     filter: str | None = None
     timeout_ms: Any = None
+    arrival: float | None = None  # when the gRPC servicer got it (the deadline counts from there)
 
 
 def encode_request(histories: Sequence[Sequence[int]], top_k: int | None = None,
@@ -276,6 +278,11 @@ def parse_request(fields: Mapping[str, Any]) -> RecallRequest:
         req.top_k = _json_field("top_k", fields["top_k"])
     if "timeout_ms" in fields:
         req.timeout_ms = _json_field("timeout_ms", fields["timeout_ms"])
+    if compat.ARRIVAL_KEY in fields:
+        try:
+            req.arrival = float(fields[compat.ARRIVAL_KEY])
+        except (TypeError, ValueError):
+            raise RequestError(f"{compat.ARRIVAL_KEY} is set by the server, not by clients") from None
     if "exclude_history" in fields:
         value = _json_field("exclude_history", fields["exclude_history"])
         if not isinstance(value, bool):
@@ -336,7 +343,7 @@ def op_classes() -> tuple[type, type]:
             try:
                 req = parse_request(self._one(input_dicts))
                 job = self.service.prepare(req.histories, req.top_k, req.exclude_history, req.filter,
-                                           req.timeout_ms)
+                                           req.timeout_ms, arrival=req.arrival)
                 job = self.service.tower(job)
             except Exception as exc:
                 return (None, True, *_error(exc))
@@ -407,7 +414,8 @@ class RecallPipelineServer:
         response_op, ops = build_dag(cfg)
         self.runner = compat.PipelineRunner(cfg.name, response_op, copy.deepcopy(cfg.pipeline),
                                             host=cfg.host, log_dir=cfg.log_dir, gateway=cfg.http_gateway,
-                                            max_body_bytes=cfg.recall["limits"].max_body_bytes)
+                                            max_body_bytes=cfg.recall["limits"].max_body_bytes,
+                                            max_inflight=cfg.recall["limits"].max_inflight)
         try:
             self.runner.prepare()  # forks the HTTP gateway: before any model or Milvus connection
             if cfg.thread_mode:

@@ -185,6 +185,41 @@ def test_a_cancelled_request_is_not_run_and_close_answers_the_queue():
         b.submit(5, 1, time.monotonic() + 10)
 
 
+def test_call_runs_a_lone_job_in_the_callers_thread_and_queues_behind_a_running_one():
+    rec = Recorder()
+    threads: list[str] = []
+
+    def run(jobs):
+        threads.append(threading.current_thread().name)
+        return rec(jobs)
+
+    b = MicroBatcher("t", run, max_users=64, window_s=0.0)
+    try:
+        assert b.call(1, 1, time.monotonic() + 10) == 10
+        assert threads == [threading.current_thread().name]  # inline: no hand-off
+        assert b.stats()["inline"] == 1
+        hold_first_batch(b, rec)  # the worker is busy: callers now queue and share a batch
+        out: dict[int, int] = {}
+        callers = [threading.Thread(target=lambda j=j: out.update({j: b.call(j, 1, time.monotonic() + 10)}))
+                   for j in (2, 3, 4)]
+        for t in callers:
+            t.start()
+        time.sleep(0.2)
+        rec.gate.set()
+        for t in callers:
+            t.join(5)
+        assert out == {2: 20, 3: 30, 4: 40}
+        assert rec.batches[-1] == [2, 3, 4]
+        with pytest.raises(DeadlineExceeded, match="not run"):
+            b.call(5, 1, time.monotonic() - 0.01)
+        assert all(5 not in batch for batch in rec.batches)
+        rec.fail = 6
+        with pytest.raises(ValueError, match="bad 6"):
+            b.call(6, 1, time.monotonic() + 10)
+    finally:
+        b.close()
+
+
 def test_limits_validate_the_batching_knobs():
     assert ServingLimits(batch_max_users=0).batch_max_users == 0  # 0 = unbatched
     with pytest.raises(Exception, match="queue_max_users"):
@@ -279,7 +314,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(lite_servi
             want[i] = alone(svc, req)
         except RequestError as exc:
             want[i] = exc
-    before = svc.batch_stats().get("search", {}).get("jobs", 0)
+    before = svc.batch_stats().get("recall", {}).get("jobs", 0)
     got: dict[tuple[int, int], object] = {}
     start = threading.Barrier(len(mix) * 3)
 
@@ -303,7 +338,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(lite_servi
         else:
             assert not isinstance(answer, Exception), (i, answer)
             assert_same(answer, want[i], f"request {i} copy {rep}")
-    stats = svc.batch_stats()["search"]
+    stats = svc.batch_stats()["recall"]
     assert stats["jobs"] - before == 27  # the bad request never reached a stage
     assert stats["mean_batch_jobs"] > 1.5, stats  # requests really shared searches
 
@@ -317,7 +352,7 @@ def test_a_deadline_that_passed_in_a_queue_drops_the_request(lite_service):
     expired = svc.batch_stats().get("user tower", {}).get("expired", 0)
     with pytest.raises(DeadlineExceeded, match="not run"):
         svc.tower(job)
-    assert svc.batch_stats()["user tower"]["expired"] == expired + 1
+    assert svc.batch_stats()["user tower"]["expired"] == expired + 1  # counted, not run
     assert job.interests is None  # the tower never ran for it
     with pytest.raises(RequestError, match="timeout_ms"):
         svc.prepare(req["histories"], 10, timeout_ms=0)

@@ -89,8 +89,8 @@ def test_batched_answers_equal_the_unbatched_ones_under_concurrency(served):
         for g, e in zip(body["scores"], w["scores"]):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
         assert body["notes"] == w["notes"] and body["model_version"] == w["model_version"]
-    assert stats["search"]["jobs"] == 14 * 12  # the 24 bad requests never reached a stage
-    assert stats["search"]["mean_batch_jobs"] > 1.5, stats  # they really shared searches
+    assert stats["recall"]["jobs"] == 14 * 12  # the 24 bad requests never reached a stage
+    assert stats["recall"]["mean_batch_jobs"] > 1.5, stats  # they really shared searches
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_recovers(served):
@@ -107,8 +107,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_recovers(served):
         assert "queued" in refused[0][3]["detail"] and "retry" in refused[0][3]["detail"]
         assert all(g[3]["items"] == single["items"] for g in ok if g[0] == 0)
         health = api.get("/health").json()
-        assert health["batching"]["user tower"]["refused"] + health["batching"]["search"]["refused"] \
-            == len(refused)
+        assert sum(stage["refused"] for stage in health["batching"].values()) == len(refused)
         again = api.post("/rec/recall", bodies[0])  # the load is gone: served at once
         assert again.status_code == 200 and again.json()["items"] == single["items"]
     finally:
@@ -134,5 +133,19 @@ def test_timeout_ms_is_checked_and_a_passed_deadline_is_503(served):
         assert late, "no request passed a 1 ms deadline under 16-way load"
         assert all(g[2] == "1" and "deadline" in g[3]["detail"] for g in late)
         assert api.post("/rec/recall", bodies[0]).status_code == 200
+    finally:
+        api.stop()
+
+
+def test_past_max_inflight_a_recall_is_refused_before_its_body_is_read(served):
+    bodies = mixed_bodies(served["export_dir"])[:1]
+    api = start(served, "inflight", max_inflight="2", queue_max_users="1000")
+    try:
+        got = load(api.url + "/rec/recall", bodies, concurrency=16, per_client=15)
+        refused = [g for g in got if g[1] == 429]
+        assert refused and {g[1] for g in got} <= {200, 429}
+        assert all(g[2] == "1" and "2 recall requests already in progress" in g[3]["detail"] for g in refused)
+        assert api.post("/rec/recall", bodies[0]).status_code == 200
+        assert api.get("/health").status_code == 200  # other endpoints are not counted
     finally:
         api.stop()
