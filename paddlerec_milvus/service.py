@@ -51,7 +51,7 @@ class RecallAnswer:
 
 
 class UserTowerPredictor:
-    """``paddle.inference`` predictor for the exported user tower; one clone per thread."""
+    """``paddle.inference`` predictor for the exported user tower; a pool of clones."""
 
     def __init__(self, export_dir: str, manifest: Manifest, use_gpu: bool = False):
         import paddle.inference as pi
@@ -78,25 +78,25 @@ class UserTowerPredictor:
             raise ConfigError(f"cannot load the user tower from {export_dir}: "
                               f"{str(exc).strip().splitlines()[-1][:200]}") from None
         self._lock = threading.Lock()
-        self._local = threading.local()
-
-    def _predictor(self):
-        pred = getattr(self._local, "pred", None)
-        if pred is None:
-            with self._lock:
-                pred = self._main.clone()
-            self._local.pred = pred
-        return pred
+        # idle clones (the main predictor only clones, never runs); another is made when all are busy
+        self._free = [self._main.clone()]
 
     def __call__(self, hist: np.ndarray, seq_len: np.ndarray) -> np.ndarray:
-        pred = self._predictor()
-        feeds = {"hist_item": hist.astype(np.int64), "seq_len": seq_len.astype(np.int64)}
-        for name in pred.get_input_names():
-            handle = pred.get_input_handle(name)
-            handle.reshape(feeds[name].shape)
-            handle.copy_from_cpu(feeds[name])
-        pred.run()
-        return pred.get_output_handle(pred.get_output_names()[0]).copy_to_cpu()
+        # A pool, not a clone per thread: micro-batching runs the tower in one thread at a time,
+        # while a pipeline has 16+ Op threads that would each warm up a clone of their own.
+        with self._lock:
+            pred = self._free.pop() if self._free else self._main.clone()
+        try:
+            feeds = {"hist_item": hist.astype(np.int64), "seq_len": seq_len.astype(np.int64)}
+            for name in pred.get_input_names():
+                handle = pred.get_input_handle(name)
+                handle.reshape(feeds[name].shape)
+                handle.copy_from_cpu(feeds[name])
+            pred.run()
+            return pred.get_output_handle(pred.get_output_names()[0]).copy_to_cpu()
+        finally:
+            with self._lock:
+                self._free.append(pred)
 
 
 class ModelVersion:
