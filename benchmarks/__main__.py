@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(BENCH_DIR, exist_ok=True)
     results: dict = {}
     last = os.path.join(BENCH_DIR, "last_results.json")
-    if args.merge and os.path.isfile(last):
+    if args.merge:
+        if not os.path.isfile(last):  # without it the report would hold only these sections
+            p.error(f"--merge needs the previous run's {last}; run the other sections too "
+                    "(python -m benchmarks), or leave out --merge")
         with open(last) as f:
             results = {k: v for k, v in json.load(f).items() if k not in sections}
     img = os.path.join(args.out, "img")

@@ -303,6 +303,7 @@ class RequestGuard:
         if problem:
             return await _send_json(send, *problem)
         if scope["path"] == "/rec/recall":
+            scope.setdefault("state", {})["arrival"] = time.monotonic()  # the deadline counts from here
             # past max_inflight, refuse before reading the body: a refusal must cost far less than
             # an answer, or overload would still pile up in the event loop
             limit = self.s.limits.max_inflight
@@ -450,10 +451,11 @@ async def recall(req: RecallRequest, request: Request) -> RecallResponse:
     state = _state(request)
     service = _service(request)
     args = (req.hist_item, req.top_k, req.exclude_history, req.filter, req.timeout_ms)
+    arrival = getattr(request.state, "arrival", None)
     if service.batching:  # checked here, then awaited: no thread waits for the batch
-        ans = await service.recall_async(service.prepare(*args))
+        ans = await service.recall_async(service.prepare(*args, arrival=arrival))
     else:
-        ans = await run_in_threadpool(service.recall, *args)
+        ans = await run_in_threadpool(service.recall, *args, arrival=arrival)
     titles = [[state.titles.get(i) for i in row] for row in ans.items] if req.with_titles else None
     return RecallResponse(items=ans.items, scores=ans.scores if req.with_scores else None,
                           titles=titles, top_k=req.top_k or state.settings.limits.default_top_k,

@@ -576,8 +576,8 @@ class RecallService:
 
     def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                exclude_history: bool = False, filter: str | None = None,
-               timeout_ms: Any = None) -> RecallAnswer:
-        job = self.prepare(histories, top_k, exclude_history, filter, timeout_ms)
+               timeout_ms: Any = None, arrival: float | None = None) -> RecallAnswer:
+        job = self.prepare(histories, top_k, exclude_history, filter, timeout_ms, arrival)
         return self._run("recall", job)
 
     def batch_stats(self) -> dict[str, Any]:
