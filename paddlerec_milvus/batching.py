@@ -89,6 +89,11 @@ class MicroBatcher(Generic[J, R]):
             self._cond.notify()
         return future
 
+    def idle(self) -> bool:
+        """Nothing queued or running: a request now would run alone."""
+        with self._cond:
+            return not self._queue and not self._running and not self._closed
+
     def call(self, job: J, users: int, deadline: float) -> R:
         """For a caller that has a thread of its own (a pipeline Op): when nothing is queued or
         running, run the job here at once (no hand-off to the worker, so a lone request costs what

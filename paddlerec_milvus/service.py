@@ -571,8 +571,13 @@ class RecallService:
         return self._run("search", job)
 
     async def recall_async(self, job: RecallJob) -> RecallAnswer:
-        """Both stages without parking a thread per waiting request (the REST API's path)."""
-        return await asyncio.wrap_future(self._batcher("recall").submit(job, job.users, job.deadline))
+        """Both stages without parking a thread per waiting request (the REST API's path). A
+        request that finds the stage idle runs alone in a pool thread, as it would unbatched
+        (one hand-off either way, but the pool's is the cheaper one)."""
+        batcher = self._batcher("recall")
+        if batcher.idle():
+            return await asyncio.to_thread(batcher.call, job, job.users, job.deadline)
+        return await asyncio.wrap_future(batcher.submit(job, job.users, job.deadline))
 
     def recall(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                exclude_history: bool = False, filter: str | None = None,
