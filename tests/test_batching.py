@@ -37,6 +37,7 @@ class Recorder:
 def hold_first_batch(batcher: MicroBatcher, rec: Recorder):
     """Submit one job and keep the worker busy with it until ``rec.gate`` is set."""
     rec.gate.clear()
+    rec.entered.clear()
     first = batcher.submit(0, 1, time.monotonic() + 10)
     assert rec.entered.wait(5)
     return first
