@@ -68,14 +68,20 @@ def random_vectors(n: int, seed: int) -> np.ndarray:
 
 
 # -- connections ----------------------------------------------------------------------------------
-def tcp_connections(port: int) -> int:
-    """Established TCP connections from this process to ``port`` (from /proc)."""
+def _socket_inodes() -> set[int]:
+    """Inodes of this process's open sockets (from /proc/self/fd)."""
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
             link = os.readlink(f"/proc/self/fd/{fd}")
             if link.startswith("socket:["):
                 inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def tcp_connections(port: int) -> int:
+    """Established TCP connections from this process to ``port`` (from /proc)."""
+    inodes = _socket_inodes()
     n = 0
     for proto in ("tcp", "tcp6"):
         with contextlib.suppress(OSError), open(f"/proc/net/{proto}") as f:
@@ -90,12 +96,7 @@ def tcp_connections(port: int) -> int:
 def unix_connections() -> int:
     """Connected unix stream sockets of this process without a path: the client ends of its
     connections (to Milvus Lite's socket; nothing else here uses unix sockets)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/self/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(int(link[8:-1]))
+    inodes = _socket_inodes()
     ours = 0
     with contextlib.suppress(OSError), open("/proc/net/unix") as f:
         next(f)

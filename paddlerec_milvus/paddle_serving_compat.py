@@ -281,9 +281,11 @@ def checked_servicer_class() -> type:
     from paddle_serving_server.pipeline.proto import pipeline_service_pb2
 
     class CheckedPipelineServicer(PipelineServicer):
-        max_inflight: int | None = None  # requests in the DAG at once; past it err_no 54 at once
-        _inflight = 0
-        _lock = threading.Lock()
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.max_inflight: int | None = None  # requests in the DAG at once; past it err_no 54
+            self._inflight = 0
+            self._lock = threading.Lock()
 
         def inference(self, request: Any, context: Any) -> Any:
             problem = request_problem(request)
@@ -295,7 +297,7 @@ def checked_servicer_class() -> type:
                 with self._lock:
                     busy = self._inflight >= limit
                     if not busy:
-                        type(self)._inflight += 1
+                        self._inflight += 1
                 if busy:  # refused by a free gRPC thread, before the DAG queues it
                     return pipeline_service_pb2.Response(
                         err_no=ERR_OVERLOADED, err_msg=f"overloaded: {limit} requests already in the "
@@ -308,7 +310,7 @@ def checked_servicer_class() -> type:
             finally:
                 if limit is not None:
                     with self._lock:
-                        type(self)._inflight -= 1
+                        self._inflight -= 1
 
     return CheckedPipelineServicer
 

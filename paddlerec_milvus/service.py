@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
@@ -198,6 +198,8 @@ class RecallService:
         self._next_check = 0.0
         self.last_load_error: str | None = None
         self._batchers: dict[str, MicroBatcher] = {}
+        self._stages: dict[str, Callable[[Sequence[RecallJob]], list[Any]]] = {
+            "user tower": self.run_tower, "search": self.run_search, "recall": self.run_recall}
         self._current = self._load(manifest_stamp(self.export_dir))
 
     # -- versions -------------------------------------------------------------------------
@@ -362,16 +364,6 @@ class RecallService:
         hist, seq_len, notes = self.encode(histories, v)
         return v.predictor(hist, seq_len), notes
 
-    def search(self, interests: np.ndarray, histories: Sequence[Sequence[Any]], top_k: int,
-               exclude_history: bool = False, filter: str | None = None,
-               version: ModelVersion | None = None) -> list[UserRecall]:
-        """The Milvus half: K vectors per user -> merged raw-id lists, within one deadline."""
-        v = version or self.current()
-        filter = self.check_filter(filter)
-        excludes = [set(h) for h in histories] if exclude_history else None
-        return self._search_rows(v, interests, [top_k] * len(interests), excludes, filter,
-                                 time.monotonic() + self.limits.request_timeout)
-
     def _search_rows(self, v: ModelVersion, interests: np.ndarray, top_ks: Sequence[int],
                      excludes: Sequence[set[int]] | None, filter: str | None,
                      deadline: float) -> list[UserRecall]:
@@ -440,15 +432,14 @@ class RecallService:
                     or not timeout_ms > 0:
                 raise RequestError(f"timeout_ms = {timeout_ms!r} must be a positive number of milliseconds")
             timeout = min(timeout, float(timeout_ms) / 1000)
-        if exclude_history and isinstance(histories, (list, tuple)):
-            longest = max((len(set(h)) for h in histories if isinstance(h, (list, tuple))), default=0)
-            if top_k + longest > MAX_TOP_K:
-                raise RequestError(f"top_k {top_k} + {longest} history items to leave out is over "
-                                   f"Milvus's limit {MAX_TOP_K}")
         hist, seq_len, notes = self.encode(histories, v)
+        excludes = [set(h) if exclude_history else set() for h in histories]
         start = time.monotonic() if arrival is None else min(arrival, time.monotonic())
-        return RecallJob([list(h) for h in histories], hist, seq_len, top_k, bool(exclude_history),
-                         filter, notes, v.version, start + timeout)
+        job = RecallJob(excludes, hist, seq_len, top_k, filter, notes, v.version, start + timeout)
+        if job.limit > MAX_TOP_K:
+            raise RequestError(f"top_k {top_k} + {job.limit - top_k} history items to leave out is over "
+                               f"Milvus's limit {MAX_TOP_K}")
+        return job
 
     def run_tower(self, jobs: Sequence[RecallJob]) -> list[RecallJob | BaseException]:
         """The user tower for many jobs: one predictor call per model version."""
@@ -463,11 +454,8 @@ class RecallService:
                 for i in members:
                     out[i] = exc
                 continue
-            start = 0
-            for i in members:
-                n = jobs[i].users
-                jobs[i].interests = vecs[start:start + n]
-                start += n
+            for i, rows in _per_job(jobs, members, vecs):
+                jobs[i].interests = rows
         return out
 
     def run_search(self, jobs: Sequence[RecallJob]) -> list[RecallAnswer | BaseException]:
@@ -481,19 +469,15 @@ class RecallService:
                     continue
                 vecs = np.concatenate([jobs[i].interests for i in members])
                 top_ks = [jobs[i].top_k for i in members for _ in range(jobs[i].users)]
-                excludes = [set(h) if jobs[i].exclude_history else set()
-                            for i in members for h in jobs[i].histories]
+                excludes = [e for i in members for e in jobs[i].excludes]
                 results = self._search_rows(v, vecs, top_ks, excludes, filter,
                                             max(jobs[i].deadline for i in members))
             except Exception as exc:  # noqa: BLE001 - the group's jobs get the error
                 for i in members:
                     out[i] = exc
                 continue
-            start = 0
-            for i in members:
+            for i, mine in _per_job(jobs, members, results):
                 job = jobs[i]
-                mine = results[start:start + job.users]
-                start += job.users
                 notes = list(job.notes)
                 short = [r for r, u in enumerate(mine) if len(u.ids) < job.top_k]
                 if short and filter:
@@ -516,8 +500,7 @@ class RecallService:
             cap = min(cap, int(ef))
         keep = []
         for i in members:
-            job = jobs[i]
-            need = job.top_k + (max(len(set(h)) for h in job.histories) if job.exclude_history else 0)
+            need = jobs[i].limit
             if need > cap:
                 out[i] = MilvusRequestRejected(
                     f"top_k {need} (with the history items to leave out) is over {cap}, the most this "
@@ -545,10 +528,6 @@ class RecallService:
                 self._batchers[stage] = MicroBatcher(stage, self._stages[stage], lim.batch_max_users,
                                                      lim.batch_window_ms / 1000, lim.queue_max_users)
             return self._batchers[stage]
-
-    @property
-    def _stages(self) -> dict[str, Callable[[Sequence[RecallJob]], list[Any]]]:
-        return {"user tower": self.run_tower, "search": self.run_search, "recall": self.run_recall}
 
     def _run(self, stage: str, job: RecallJob) -> Any:
         """A thread's request through one stage: batched with whatever else is waiting (run at
@@ -634,11 +613,10 @@ class RecallJob:
     """One checked, encoded request on its way through the stages. Plain data, so the pipeline
     can pass it between Ops (pickled in process mode); the version travels by name."""
 
-    histories: list[list[Any]]  # raw ids as sent (exclude_history leaves them out)
+    excludes: list[set[int]]  # per user: raw ids to leave out (its history with exclude_history)
     hist: np.ndarray  # [users, maxlen] dense ids
     seq_len: np.ndarray  # [users]
     top_k: int
-    exclude_history: bool
     filter: str | None
     notes: list[str]
     model_version: str
@@ -649,9 +627,23 @@ class RecallJob:
     def users(self) -> int:
         return len(self.seq_len)
 
+    @property
+    def limit(self) -> int:
+        """What its search must ask Milvus for: top_k + the most ids one of its users leaves out."""
+        return self.top_k + max(map(len, self.excludes), default=0)
+
 
 def _group(jobs: Sequence[RecallJob], key: Callable[[RecallJob], Any]) -> dict[Any, list[int]]:
     groups: dict[Any, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(key(job), []).append(i)
     return groups
+
+
+def _per_job(jobs: Sequence[RecallJob], members: Sequence[int],
+             rows: Sequence[Any]) -> Iterator[tuple[int, Any]]:
+    """Split a group's stacked rows back into each member job's own rows, in order."""
+    start = 0
+    for i in members:
+        yield i, rows[start:start + jobs[i].users]
+        start += jobs[i].users

@@ -1,8 +1,8 @@
 """The Paddle Serving pipeline: user tower (Op 1) -> Milvus recall and merge (Op 2), over RPC and HTTP.
 
 Both Ops are thin shells over ``RecallService`` (the one recall core): ``user_tower`` validates a
-request and runs ``service.interests``; ``recall`` runs ``service.search`` (K searches + merge)
-and encodes the answer. Paddle Serving passes string values, so requests and responses carry
+request (``service.prepare``) and runs ``service.tower``; ``recall`` runs ``service.finish`` (K
+searches + merge) and encodes the answer. Paddle Serving passes string values, so requests and responses carry
 JSON strings:
 
 request keys   ``hist_item``  ``[[id, ...], ...]`` (one history per user; a flat list = one user)

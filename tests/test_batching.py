@@ -275,6 +275,17 @@ def alone(svc, req: dict):
     return out
 
 
+def alone_answers(svc, mix: list[dict]) -> dict[int, object]:
+    """Each request's answer alone, or the RequestError it gets."""
+    want: dict[int, object] = {}
+    for i, req in enumerate(mix):
+        try:
+            want[i] = alone(svc, req)
+        except RequestError as exc:
+            want[i] = exc
+    return want
+
+
 def assert_same(got, want, where: str) -> None:
     assert got.items == want.items, where
     for g, w in zip(got.scores, want.scores):
@@ -287,12 +298,7 @@ def assert_same(got, want, where: str) -> None:
 def test_one_batch_of_a_mixed_request_set_equals_each_request_alone(lite_service):
     svc = lite_service
     mix = request_mix(svc)
-    want = {}
-    for i, req in enumerate(mix):
-        try:
-            want[i] = alone(svc, req)
-        except RequestError as exc:
-            want[i] = exc
+    want = alone_answers(svc, mix)
     assert isinstance(want[8], RequestError) and "hist_item[0]" in str(want[8])
     assert any("unknown item ids ignored" in n for n in want[7].notes)
     assert all(h not in want[3].items[0] for h in mix[3]["histories"][0])
@@ -309,12 +315,7 @@ def test_one_batch_of_a_mixed_request_set_equals_each_request_alone(lite_service
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(lite_service):
     svc = lite_service
     mix = request_mix(svc)
-    want = {}
-    for i, req in enumerate(mix):
-        try:
-            want[i] = alone(svc, req)
-        except RequestError as exc:
-            want[i] = exc
+    want = alone_answers(svc, mix)
     before = svc.batch_stats().get("recall", {}).get("jobs", 0)
     got: dict[tuple[int, int], object] = {}
     start = threading.Barrier(len(mix) * 3)
