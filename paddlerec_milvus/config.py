@@ -60,6 +60,9 @@ KNOWN_KEYS = frozenset({
     "hyper_parameters.capsual.iters", "hyper_parameters.capsual.max_k",
     "hyper_parameters.capsual.init_std", "hyper_parameters.capsual.softmax_axis",
     "hyper_parameters.capsual.normalize_update",
+    # ComiRec (models/comirec_dr, models/comirec_sa): interest count is capsual.max_k, as in MIND
+    "hyper_parameters.capsual.bilinear", "hyper_parameters.readout",
+    "hyper_parameters.self_attention.hidden_size", "hyper_parameters.self_attention.add_positions",
     # milvus (model configs and configs/*.yaml profiles)
     "milvus.uri", "milvus.token", "milvus.collection", "milvus.serving_collection",
     "milvus.index_type", "milvus.index_params", "milvus.search_params", "milvus.metric",

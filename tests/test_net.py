@@ -9,6 +9,7 @@ import pytest
 from conftest import MODELS
 
 sys.path.insert(0, os.path.join(MODELS, "mind"))
+import multi_interest  # noqa: E402
 import net  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def test_routing_weights_sum_to_one_over_the_softmax_axis(model):
 
 def test_sampler_range_and_log_uniform_shape():
     paddle.seed(1)
-    s = net.LogUniformSampler(1000)
+    s = multi_interest.LogUniformSampler(1000)
     ids = s.sample(20000).numpy()
     assert ids.min() >= 1 and ids.max() <= 1000
     share_low = (ids <= 10).mean()

@@ -1,5 +1,6 @@
 """Glue between MIND and a PaddleRec-style runner (ours, or PaddleRec's tools/trainer.py)."""
 
+import multi_interest
 import net
 import numpy as np
 import paddle
@@ -60,6 +61,17 @@ class DygraphModel:
         return paddle.optimizer.Adam(
             learning_rate=lr, parameters=dy_model.parameters(), lazy_mode=lazy
         )
+
+    # The two towers: the only parts of a model that evaluation, validation, export and serving use
+    # (docs/design.md, "Model hooks").
+    def item_vectors(self, dy_model):
+        """The item tower: float32 [item_count, D], row i for dense item id i (row 0 = padding)."""
+        return dy_model.item_emb.weight.numpy()
+
+    def user_tower(self, dy_model):
+        """The user tower: a Layer mapping (hist_item [B, L], seq_len [B]) int64 to [B, K, D]
+        interests; evaluation runs it and export saves it with paddle.jit.save."""
+        return multi_interest.UserTower(dy_model)
 
     def create_metrics(self):
         return [], []
