@@ -9,10 +9,10 @@ import logging
 import os
 import shutil
 
+from paddlerec_milvus.checkpoint import best_epoch
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.data_prep import prepare_data
-from paddlerec_milvus.evaluate import evaluate_popularity
-from paddlerec_milvus.validation import best_epoch
+from paddlerec_milvus.scoring import score_popularity
 
 from .common import BENCH_DIR, MODELS, SHARED_DATASETS, python, run_measured
 
@@ -115,7 +115,7 @@ def train_and_evaluate(name: str, label: str, budget: list[str], quick: bool) ->
 
 def popularity(name: str) -> dict[str, float]:
     data = prepared(name)
-    return evaluate_popularity(load_config(CONFIG, _overrides(data, os.path.join(BENCH_DIR, "pop"))), 50)
+    return score_popularity(load_config(CONFIG, _overrides(data, os.path.join(BENCH_DIR, "pop"))), 50)
 
 
 # The least any Paddle trainer of this model needs: Paddle imported and one sparse lookup (and its

@@ -1,4 +1,5 @@
-"""Per-epoch checkpoints in PaddleRec's layout: ``{model_save_path}/{epoch}/rec.pdparams``."""
+"""Per-epoch checkpoints in PaddleRec's layout: ``{model_save_path}/{epoch}/rec.pdparams``, and
+the epoch validation chose, ``{model_save_path}/best.json``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tempfile
 import paddle
 
 from .errors import ConfigError
+
+BEST_FILE = "best.json"  # written by validation.Validator.save
 
 
 def save_checkpoint(model, optimizer, save_path: str, epoch: int, info: dict | None = None) -> str:
@@ -134,3 +137,16 @@ def _rename_optimizer_state(model, folder: str, state: dict) -> dict:
                 break
         renamed[key] = value
     return renamed
+
+
+def best_epoch(save_path: str) -> int | None:
+    """The epoch recorded by validation under ``save_path``, or None."""
+    path = os.path.join(save_path, BEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            epoch = int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
+    return epoch if epoch >= 0 else None

@@ -53,7 +53,10 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def _load(args: argparse.Namespace):
+    """The config of ``-m``/``-o``, with ``runner.cpu_threads`` applied before Paddle is imported
+    (every command that loads a model config imports Paddle only after this)."""
     from .config import load_config
+    from .cpu_threads import configure_cpu_threads
 
     path = args.config_yaml
     if not os.path.isabs(path) and not os.path.exists(path):
@@ -61,7 +64,9 @@ def _load(args: argparse.Namespace):
         alt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", path)
         if os.path.exists(alt):
             path = alt
-    return load_config(path, args.opt)
+    config = load_config(path, args.opt)
+    configure_cpu_threads(config)
+    return config
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
@@ -81,10 +86,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .cpu_threads import configure_cpu_threads
-
     config = _load(args)
-    configure_cpu_threads(config)
     from .checkpoint import ensure_writable
     from .runner import train
 
@@ -102,12 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    config = _load(args)
     from .evaluate import evaluate_epochs
 
-    config = _load(args)
-    from .cpu_threads import configure_cpu_threads
-
-    configure_cpu_threads(config)
     results = evaluate_epochs(config, top_n=args.top_n, paddlerec_metrics=args.paddlerec_metrics,
                               exact=args.exact, best=args.best)
     for r in results:
@@ -116,9 +115,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    config = _load(args)
     from .export import export_model
 
-    m = export_model(_load(args), args.output, epoch=args.epoch, collection=args.collection)
+    m = export_model(config, args.output, epoch=args.epoch, collection=args.collection)
     print(f"exported epoch {m.epoch} (version {m.model_version}) to {args.output}: "
           f"{m.items_indexed} items in {m.milvus_uri} collection {m.collection}")
     return 0

@@ -8,6 +8,7 @@ and resolution of relative paths against the config file's folder.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -123,6 +124,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _cast(key: str, raw: str, current: Any) -> Any:
     """Cast an override string to the type of the value it replaces."""
+    if key == ITEM_COUNT and raw.strip().lower() == "auto":
+        return "auto"
     if current is None:
         return yaml.safe_load(raw) if raw != "" else None
     if isinstance(current, bool):
@@ -234,6 +237,44 @@ def _apply_profile(config: dict[str, Any], overrides: Iterable[str]) -> None:
     apply_overrides(config, [o for o in overrides if o.strip().startswith("milvus.")])
 
 
+ITEM_COUNT = "hyper_parameters.item_count"
+
+
+def data_meta_path(config: Mapping[str, Any]) -> str | None:
+    """``meta.json`` beside the training folder, as ``prepare-data`` writes it."""
+    train_dir = config.get("runner.train_data_dir")
+    if not isinstance(train_dir, str) or not train_dir:
+        return None
+    return os.path.join(os.path.dirname(os.path.normpath(train_dir)), "meta.json")
+
+
+def _resolve_item_count(config: dict[str, Any]) -> None:
+    """``item_count`` absent or ``auto``: the prepared data's; a number that disagrees with the data
+    is an error naming both (too large is silent in training and costs quality)."""
+    value = config.get(ITEM_COUNT)
+    if isinstance(value, str) and value.strip().isdigit():  # -o over a YAML "auto"
+        value = config[ITEM_COUNT] = int(value)
+    meta_path = data_meta_path(config)
+    data_count = None
+    if meta_path and os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                data_count = int(json.load(f)["item_count"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{meta_path}: no readable item_count ({exc})") from None
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        if data_count is None and value is None:
+            return  # the model says what it needs (DygraphModel.create_model)
+        if data_count is None:
+            raise ConfigError(f"{ITEM_COUNT} is auto, but {meta_path or 'runner.train_data_dir'} "
+                              "is missing: set it to the largest item id + 1, or prepare the data "
+                              "with `paddlerec-milvus prepare-data`")
+        config[ITEM_COUNT] = data_count
+    elif data_count is not None and value != data_count:
+        raise ConfigError(f"{ITEM_COUNT} is {value!r} but the data has item_count {data_count} "
+                          f"({meta_path}); set it to {data_count} or to auto")
+
+
 def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
     """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
     config = _read_yaml(path)
@@ -248,6 +289,7 @@ def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, 
     for key in PATH_KEYS:
         if isinstance(config.get(key), str):
             config[key] = resolve_path(config, config[key])
+    _resolve_item_count(config)
     return config
 
 

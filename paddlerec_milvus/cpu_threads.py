@@ -29,7 +29,12 @@ def configure_cpu_threads(config: dict[str, Any]) -> int:
     shared among the processes ``paddle.distributed.launch`` started on this machine), then import
     Paddle without its multi-thread warning. A value the user exported wins. Returns the count."""
     if "paddle" in sys.modules:  # too late to change (e.g. Paddle imported by the caller)
-        return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+        if config.get("runner.cpu_threads"):
+            logger.warning("runner.cpu_threads=%s not applied: Paddle was imported before the config "
+                           "was read (it runs with %d thread(s))", config.get("runner.cpu_threads"),
+                           threads)
+        return threads
     wanted = int(config.get("runner.cpu_threads") or 0)
     if wanted <= 0:
         local = max(1, int(os.environ.get("PADDLE_LOCAL_SIZE", "1") or 1))
@@ -44,5 +49,5 @@ def configure_cpu_threads(config: dict[str, Any]) -> int:
     kept = [line for line in captured.getvalue().splitlines() if "OMP_NUM_THREADS" not in line]
     if kept:
         print("\n".join(kept), file=sys.stderr)
-    logger.debug("Paddle CPU threads: %d", threads)
+    logger.info("Paddle CPU threads: %d", threads)
     return threads

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .checkpoint import checkpoint_dir, latest_epoch, load_checkpoint
+from .checkpoint import best_epoch, checkpoint_dir, latest_epoch, load_checkpoint
 from .config import resolve_path
 from .errors import ConfigError, DataError, MilvusIndexError
-from .milvus_index import ItemIndex, is_local_uri
+from .milvus_index import SERVING_DESCRIPTION, ItemIndex, is_local_uri
 from .model_dir import load_dygraph_model
 from .serving_contract import ITEM_MAP, ITEM_VECTORS, MANIFEST, Manifest
-from .validation import best_epoch
+from .towers import indexed_items, interest_shape, user_interests, user_tower
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "user_tower"
@@ -64,22 +64,10 @@ def default_item_map_path(config: dict[str, Any]) -> str | None:
     return os.path.join(os.path.dirname(os.path.normpath(train_dir)), "item_map.tsv") if train_dir else None
 
 
-class UserTower(paddle.nn.Layer):
-    """History ids and lengths -> [B, K, dim] interests: what the serving model runs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, hist_item, seq_len):
-        return self.model.interests(hist_item, seq_len)
-
-
-def save_user_tower(model, maxlen: int, out_dir: str) -> tuple[str, str]:
+def save_user_tower(tower: paddle.nn.Layer, maxlen: int, out_dir: str) -> tuple[str, str]:
     """``paddle.jit.save`` the user tower; returns (model file, params file) names."""
     spec = [paddle.static.InputSpec([None, maxlen], "int64", "hist_item"),
             paddle.static.InputSpec([None], "int64", "seq_len")]
-    tower = UserTower(model)
     tower.eval()
     paddle.jit.save(paddle.jit.to_static(tower, input_spec=spec, full_graph=True),
                     os.path.join(out_dir, MODEL_NAME))
@@ -89,8 +77,9 @@ def save_user_tower(model, maxlen: int, out_dir: str) -> tuple[str, str]:
     raise RuntimeError(f"paddle.jit.save wrote no model file in {out_dir}")
 
 
-def check_tower_parity(model, folder: str, model_file: str, params_file: str, item_count: int,
-                       maxlen: int, use_gpu: bool = False, users: int = 64, atol: float = 1e-3) -> float:
+def check_tower_parity(tower: paddle.nn.Layer, folder: str, model_file: str, params_file: str,
+                       item_count: int, maxlen: int, use_gpu: bool = False, users: int = 64,
+                       atol: float = 1e-3) -> float:
     """The saved tower, run as serving runs it (``UserTowerPredictor``), must give the dygraph
     model's interests: a predictor setting or graph pass that changes the numbers (Paddle 3.3's
     default oneDNN passes did, by up to 12) fails the export instead of serving wrong answers."""
@@ -100,7 +89,7 @@ def check_tower_parity(model, folder: str, model_file: str, params_file: str, it
     seq_len = rng.integers(1, maxlen + 1, users).astype(np.int64)
     hist = rng.integers(1, max(2, item_count), (users, maxlen)).astype(np.int64)
     hist[np.arange(maxlen)[None, :] >= seq_len[:, None]] = 0  # padded as the readers pad
-    want = UserTower(model)(paddle.to_tensor(hist), paddle.to_tensor(seq_len)).numpy()
+    want = user_interests(tower, hist, seq_len)
     probe = Manifest("parity", 0, want.shape[-1], want.shape[1], maxlen, item_count, 0, "", "", "",
                      model_file, params_file)
     got = UserTowerPredictor(folder, probe, use_gpu=use_gpu)(hist, seq_len)
@@ -130,12 +119,12 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     model = dm.create_model(config)
     load_checkpoint(model, folder)
     model.eval()
-    item_count = int(config["hyper_parameters.item_count"])
     maxlen = int(config.get("hyper_parameters.maxlen", 20))
-    dim = int(config.get("hyper_parameters.embedding_dim", 64))
-    max_k = int(config.get("hyper_parameters.capsual.max_k", 4))
+    _, vectors = indexed_items(dm, model)
+    item_count = len(vectors) + 1
+    tower = user_tower(dm, model)
+    max_k, dim = interest_shape(tower, maxlen)
     raw_ids = read_item_map(default_item_map_path(config), item_count)
-    vectors = model.item_emb.weight.numpy()[1:]
     if len(np.unique(raw_ids[1:])) != item_count - 1:
         raise DataError("item map has duplicate raw ids")
 
@@ -160,15 +149,16 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     previous: str | None = None
     try:
         with _sigterm_as_interrupt():
-            model_file, params_file = save_user_tower(model, maxlen, tmp)
-            check_tower_parity(model, tmp, model_file, params_file, item_count, maxlen, use_gpu=False)
+            model_file, params_file = save_user_tower(tower, maxlen, tmp)
+            check_tower_parity(tower, tmp, model_file, params_file, item_count, maxlen, use_gpu=False)
             np.save(os.path.join(tmp, ITEM_VECTORS), vectors.astype(np.float32))  # row i = id i+1
             with open(os.path.join(tmp, ITEM_MAP), "w", encoding="utf-8") as f:
                 f.write("item_id\traw_id\n")
                 f.writelines(f"{d}\t{r}\n" for d, r in enumerate(raw_ids[1:].tolist(), 1))
             if not server:
                 ItemIndex.from_config(config, dim, collection=base).drop()
-            index = ItemIndex.from_config(config, dim, collection=physical)
+            index = ItemIndex.from_config(config, dim, collection=physical,
+                                          description=SERVING_DESCRIPTION)
             written = index.upsert(raw_ids[1:], vectors)
             if server:
                 # count() is Strong: it returns once the server has applied every write, so searches

@@ -96,6 +96,9 @@ def check_index_settings(uri: str, dim: int, index_type: str, index_params: Mapp
                                    f"{index_params[limit]} (index_params.{limit})")
 
 
+SERVING_DESCRIPTION = "paddlerec-milvus serving items (raw ids)"
+
+
 class ItemIndex:
     """Item vectors in one Milvus collection, searched by users' interest vectors."""
 
@@ -116,6 +119,7 @@ class ItemIndex:
         retries: int = 3,
         create: bool = True,  # False: a missing collection is an error (serving must not invent one)
         consistency_level: str = "Session",
+        description: str = "",  # stored with a collection this creates (SERVING_DESCRIPTION marks export's)
     ):
         if not _NAME.match(collection or ""):
             raise MilvusIndexError(
@@ -143,6 +147,7 @@ class ItemIndex:
             raise MilvusIndexError(f"milvus.consistency_level {consistency_level!r}: expected Strong, "
                                    "Session, Bounded or Eventually")
         self.consistency_level = consistency_level
+        self.description = description
         self._raw_search_ok = True
         self._client = self._connect(token)
         self._ensure_collection()
@@ -242,7 +247,8 @@ class ItemIndex:
             raise CollectionUnavailable(
                 f"no collection or alias {name!r} at {self.uri}; export the model into it "
                 "(paddlerec-milvus export) or refill it (POST /rec/insert_data)")
-        schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                               description=self.description)
         schema.add_field("item_id", pm.DataType.INT64, is_primary=True)
         schema.add_field("embedding", pm.DataType.FLOAT_VECTOR, dim=self.dim)
         for field in self.scalar_fields:
@@ -365,6 +371,12 @@ class ItemIndex:
             if "alias" in str(exc).lower():
                 raise AliasInUse(f"{self.collection!r} is an alias at {self.uri}: {exc}") from None
             raise
+
+    def stored_description(self) -> str:
+        """The description the collection was created with (export marks serving collections)."""
+        c, name = self._client, self.collection
+        desc = self._call("describe_collection", lambda **kw: c.describe_collection(name, **kw))
+        return str((desc or {}).get("description") or "")
 
     def alias_target(self, alias: str) -> str | None:
         """The collection ``alias`` points at, or None if there is no such alias."""

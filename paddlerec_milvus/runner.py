@@ -17,6 +17,7 @@ import paddle
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .device import set_device
 from .model_dir import create_reader, load_dygraph_model
 from .validation import Validator
 
@@ -80,18 +81,6 @@ def prefetch(batches: Iterable, depth: int = 4) -> Iterator:
                 q.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
-
-
-def set_device(config: dict[str, Any]) -> str:
-    """``gpu`` when asked and available, else ``cpu`` (with one clear warning)."""
-    if config.get("runner.use_gpu", False):
-        if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
-            paddle.set_device("gpu")
-            return "gpu"
-        logger.warning("runner.use_gpu is True but this Paddle has no usable GPU "
-                       "(install paddlepaddle-gpu on a CUDA machine); running on CPU")
-    paddle.set_device("cpu")
-    return "cpu"
 
 
 def seed_everything(seed: int) -> None:

@@ -15,11 +15,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .checkpoint import BEST_FILE
 from .errors import ConfigError
 from .model_dir import create_reader, data_files
+from .recall import ExactIndex
+from .scoring import score_checkpoint
 
 logger = logging.getLogger(__name__)
-BEST_FILE = "best.json"
 _METRIC = re.compile(r"^(Recall|NDCG|HitRate)@([1-9][0-9]*)$")
 
 
@@ -58,12 +60,9 @@ class Validator:
         return bool(config.get("runner.valid_data_dir"))
 
     def score(self, dm, model) -> float:
-        from .evaluate import evaluate_checkpoint
-        from .recall import ExactIndex
-
         dim = int(self.config.get("hyper_parameters.embedding_dim", 64))
-        metrics, _ = evaluate_checkpoint(self.config, dm, model, self.reader, ExactIndex(dim),
-                                         self.top_n, progress=False)
+        metrics, _ = score_checkpoint(self.config, dm, model, self.reader, ExactIndex(dim),
+                                      self.top_n, progress=False)
         return metrics[self.metric]
 
     def update(self, epoch: int, value: float) -> bool:
@@ -113,16 +112,3 @@ class Validator:
         path = os.path.join(save_path, BEST_FILE)
         os.replace(tmp, path)
         return path
-
-
-def best_epoch(save_path: str) -> int | None:
-    """The epoch recorded by validation under ``save_path``, or None."""
-    path = os.path.join(save_path, BEST_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            epoch = int(json.load(f)["epoch"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
-    return epoch if epoch >= 0 else None

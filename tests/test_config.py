@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 import re
 
@@ -180,3 +181,33 @@ def test_every_key_the_code_reads_is_registered():
     missing = sorted((f, k) for f, k in read if not is_known_key(k))
     assert not missing, f"add these keys to config.KNOWN_KEYS: {missing}"
     assert "runner.epochs" in KNOWN_KEYS
+
+
+def _prepared(tmp_path, item_count=17):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({"item_count": item_count}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("runner:\n  train_data_dir: data/train\nhyper_parameters:\n  item_count: auto\n")
+    return str(cfg)
+
+
+def test_item_count_auto_or_absent_comes_from_the_prepared_data(tmp_path):
+    cfg = _prepared(tmp_path)
+    assert load_config(cfg)["hyper_parameters.item_count"] == 17
+    assert load_config(cfg, ["hyper_parameters.item_count=auto"])["hyper_parameters.item_count"] == 17
+    (tmp_path / "c.yaml").write_text("runner:\n  train_data_dir: data/train\n")
+    assert load_config(cfg)["hyper_parameters.item_count"] == 17
+
+
+def test_item_count_that_disagrees_with_the_data_names_both_numbers(tmp_path):
+    cfg = _prepared(tmp_path)
+    with pytest.raises(ConfigError, match=r"is 38520 but the data has item_count 17 \(.*meta.json\)"):
+        load_config(cfg, ["hyper_parameters.item_count=38520"])
+    assert load_config(cfg, ["hyper_parameters.item_count=17"])["hyper_parameters.item_count"] == 17
+
+
+def test_item_count_auto_without_prepared_data_is_a_clear_error(tmp_path):
+    cfg = _prepared(tmp_path)
+    os.remove(tmp_path / "data" / "meta.json")
+    with pytest.raises(ConfigError, match="item_count is auto, but .*meta.json is missing"):
+        load_config(cfg)

@@ -30,3 +30,27 @@ def test_thread_count(setting, env, expected):
     out, err = _probe(setting, **env)
     assert out == f"{expected} {expected}"
     assert "OMP_NUM_THREADS" not in err  # Paddle's generic warning is not shown
+
+
+CLI = os.path.join(os.path.dirname(sys.executable), "paddlerec-milvus")
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+@pytest.mark.parametrize("command", [
+    ["train"], ["infer"], ["export", "--output", "{tmp}/export"],
+    [sys.executable, os.path.join(MODELS, "trainer.py")],
+    [sys.executable, os.path.join(MODELS, "infer.py")],
+])
+def test_every_command_applies_cpu_threads_before_importing_paddle(command, tmp_path):
+    """Each command stops early here (no data, no checkpoint), but only after Paddle was imported
+    with the configured thread count; a command importing Paddle first would log "not applied"."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PADDLE_LOCAL_SIZE")}
+    args = [a.format(tmp=tmp_path) for a in command]
+    argv = ([CLI, "-v", *args] if not args[0].startswith("/") else args)
+    argv += ["-m", os.path.join(MODELS, "mind", "config.yaml"), "-o", "runner.cpu_threads=3",
+             f"runner.train_data_dir={tmp_path}/none", f"runner.model_save_path={tmp_path}/ckpt",
+             f"runner.infer_load_path={tmp_path}/ckpt", f"milvus.uri={tmp_path}/m.db"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=base, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]  # a user's error, not a crash
+    assert "Paddle CPU threads: 3" in proc.stderr, proc.stderr[-2000:]
+    assert "not applied" not in proc.stderr

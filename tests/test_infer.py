@@ -9,7 +9,8 @@ import pytest
 from conftest import MODELS
 
 from paddlerec_milvus.config import load_config
-from paddlerec_milvus.evaluate import evaluate_epochs, evaluate_popularity
+from paddlerec_milvus.evaluate import evaluate_epochs
+from paddlerec_milvus.scoring import score_popularity
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_milvus_metrics_equal_exact_numpy(trained_demo, tmp_path, engine, reques
     assert milvus.users == exact.users == 250  # every test user, no dropped batch
     assert milvus.metrics == pytest.approx(exact.metrics, abs=1e-9)
     # a trained model beats the most-popular baseline on real data
-    assert milvus.metrics["Recall@50"] > evaluate_popularity(cfg, 50)["Recall@50"]
+    assert milvus.metrics["Recall@50"] > score_popularity(cfg, 50)["Recall@50"]
 
 
 def test_infer_without_checkpoint_is_a_clear_error(tmp_path):
@@ -48,3 +49,41 @@ def test_infer_without_checkpoint_is_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, cwd=MODELS, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _count(uri: str, collection: str) -> int:
+    from paddlerec_milvus.milvus_index import ItemIndex
+
+    with ItemIndex(uri, collection, 64, create=False) as index:
+        return index.count()
+
+
+def test_evaluation_refuses_an_exports_serving_collection(exported_demo, tmp_path):
+    """Evaluation drops and refills its collection with dense ids: pointed at what an export
+    serves (raw ids), it must refuse and leave every item in place."""
+    import shutil
+
+    from paddlerec_milvus.errors import ConfigError
+
+    uri = str(tmp_path / "serving.db")
+    shutil.copy(exported_demo["milvus_uri"], uri)
+    before = _count(uri, exported_demo["collection"])
+    cfg = load_config(exported_demo["config_path"],
+                      exported_demo["overrides"] + [f"milvus.uri={uri}",
+                                                    f"milvus.collection={exported_demo['collection']}"])
+    with pytest.raises(ConfigError, match="holds an export's serving items"):
+        evaluate_epochs(cfg, top_n=50)
+    assert _count(uri, exported_demo["collection"]) == before > 0
+
+
+@pytest.mark.server
+def test_evaluation_refuses_an_alias(exported_demo_server):
+    from paddlerec_milvus.errors import ConfigError
+
+    uri, alias = exported_demo_server["milvus_uri"], exported_demo_server["collection"]
+    before = _count(uri, alias)
+    cfg = load_config(exported_demo_server["config_path"],
+                      exported_demo_server["overrides"] + [f"milvus.uri={uri}", f"milvus.collection={alias}"])
+    with pytest.raises(ConfigError, match=f"'{alias}' is an alias of '{alias}_v"):
+        evaluate_epochs(cfg, top_n=50)
+    assert _count(uri, alias) == before > 0

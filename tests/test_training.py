@@ -12,9 +12,10 @@ from synthetic import planted_clusters
 
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.data_prep import prepare_data
-from paddlerec_milvus.evaluate import evaluate_epochs, evaluate_popularity
+from paddlerec_milvus.evaluate import evaluate_epochs
 from paddlerec_milvus.model_dir import create_reader, load_dygraph_model
 from paddlerec_milvus.runner import train
+from paddlerec_milvus.scoring import score_popularity
 
 pytestmark = pytest.mark.slow
 CONFIG = os.path.join(MODELS, "mind", "config.yaml")
@@ -44,7 +45,7 @@ def test_mind_beats_most_popular_on_planted_clusters(planted):
     cfg = _config(base, data, stats)
     train(cfg)
     result = evaluate_epochs(cfg, top_n=50, exact=True)[0]
-    pop = evaluate_popularity(cfg, top_n=50)
+    pop = score_popularity(cfg, top_n=50)
     # 20 equal clusters, 2 per user: popularity is near chance (~50/400), the model should
     # find most of a user's two clusters (40 items) in its top 50.
     assert pop["Recall@50"] < 0.2

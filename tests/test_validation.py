@@ -7,11 +7,12 @@ import pytest
 from conftest import MODELS, _run_cli
 from synthetic import planted_clusters
 
+from paddlerec_milvus.checkpoint import best_epoch
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.data_prep import prepare_data
 from paddlerec_milvus.errors import ConfigError
 from paddlerec_milvus.runner import train
-from paddlerec_milvus.validation import BestEpoch, Validator, best_epoch
+from paddlerec_milvus.validation import BestEpoch, Validator
 
 CONFIG = os.path.join(MODELS, "mind", "config.yaml")
 

@@ -1,0 +1,142 @@
+"""What every multi-interest model of this zoo shares: the item tower (one embedding table),
+log-uniform negatives and the sampled-softmax objective. A model's ``net.py`` adds only its
+interest extractor (``extract``) and how the interests meet the target in training (``readout``).
+
+This file is the same in every model directory (a test keeps the copies identical): PaddleRec
+imports a model directory on its own, so a directory cannot import from a sibling.
+"""
+
+import math
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+
+def squash(z, eps=1e-9):
+    """Capsule non-linearity: keeps the direction, maps the norm into [0, 1)."""
+    sq = paddle.sum(z * z, axis=-1, keepdim=True)
+    return z * (sq / (1.0 + sq)) / paddle.sqrt(sq + eps)
+
+
+class LogUniformSampler:
+    """Negatives drawn ~ log-uniform over ids 1..n (dense ids are ranked by popularity).
+
+    P(r) = log((r + 1) / r) / log(n + 1); ``log_q`` is log(expected count) for log-Q correction.
+    """
+
+    def __init__(self, num_items):
+        self.n = num_items  # candidate ids are 1..n; 0 is padding
+        self.log_range = math.log(self.n + 1)
+
+    def sample(self, num):
+        u = paddle.rand([num], dtype="float32")
+        ids = paddle.floor(paddle.exp(u * self.log_range)).astype("int64")
+        return paddle.clip(ids, 1, self.n)
+
+    def log_q(self, ids, num):
+        r = ids.astype("float32")
+        prob = (paddle.log(r + 1.0) - paddle.log(r)) / self.log_range
+        return paddle.log(prob * num + 1e-12)
+
+    def sample_numpy(self, rng, num):
+        """The same distribution drawn with numpy (readers prepare whole batches with it)."""
+        ids = np.floor(np.exp(rng.random(num) * self.log_range)).astype(np.int64)
+        return np.clip(ids, 1, self.n)
+
+    def logit_bias_numpy(self, target, negs):
+        """[B, 1 + S] additive logit bias: -log Q for the target and each negative, and
+        -1e9 where a negative is the target itself (an accidental hit)."""
+        def log_q(ids):
+            r = ids.astype(np.float64)
+            return np.log(np.log1p(1.0 / r) / self.log_range * len(negs) + 1e-12)
+
+        target = np.asarray(target).reshape(-1)
+        bias = np.empty((len(target), 1 + len(negs)), dtype=np.float32)
+        bias[:, 0] = -log_q(target)
+        bias[:, 1:] = -log_q(negs)[None, :]
+        bias[:, 1:][negs[None, :] == target[:, None]] = -1e9
+        return bias
+
+
+class MultiInterestLayer(nn.Layer):
+    """Item tower = the embedding table ``item_emb`` (PaddleRec's infer.py reads it by that
+    name); user tower = ``extract`` over the history's embeddings.
+
+    Subclasses implement ``extract(hist_emb [B, L, D], seq_len) -> (interests [B, K, D], weights)``
+    and ``readout(interests, target_emb [B, D]) -> [B, D]``.
+    """
+
+    def __init__(self, item_count, embedding_dim, neg_samples):
+        super().__init__()
+        self.item_count = item_count
+        self.neg_samples = neg_samples
+        self.item_emb = nn.Embedding(
+            item_count, embedding_dim, padding_idx=0, sparse=True,
+            weight_attr=paddle.ParamAttr(initializer=nn.initializer.XavierUniform()),
+        )
+        self.sampler = LogUniformSampler(item_count - 1)
+
+    def extract(self, hist_emb, seq_len):
+        raise NotImplementedError
+
+    def readout(self, interests, target_emb):
+        raise NotImplementedError
+
+    def interests(self, hist_item, seq_len):
+        """The user tower: [B, L] ids and lengths -> [B, K, D] interest vectors."""
+        interests, _ = self.extract(self.item_emb(hist_item), seq_len)
+        return interests
+
+    def sampled_softmax_loss(self, user_vec, target):
+        """Sampled softmax over shared negatives, accidental hits removed, log-Q corrected."""
+        target = paddle.reshape(target, [-1])
+        negs = self.sampler.sample(self.neg_samples)
+        pos_w = self.item_emb(target)  # [B, D]
+        neg_w = self.item_emb(negs)  # [S, D]
+        pos_logit = paddle.sum(user_vec * pos_w, axis=-1, keepdim=True)
+        pos_logit = pos_logit - self.sampler.log_q(target, self.neg_samples).unsqueeze(-1)
+        neg_logit = paddle.matmul(user_vec, neg_w, transpose_y=True)
+        neg_logit = neg_logit - self.sampler.log_q(negs, self.neg_samples).unsqueeze(0)
+        hit = (negs.unsqueeze(0) == target.unsqueeze(-1)).astype(neg_logit.dtype)
+        neg_logit = neg_logit - hit * 1e9
+        logits = paddle.concat([pos_logit, neg_logit], axis=-1)
+        return paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0])
+
+    def forward(self, hist_item, seq_len, target_item=None, neg_items=None, logit_bias=None):
+        """Training (target given): mean loss and interests; otherwise interests and weights.
+
+        ``neg_items`` [S] and ``logit_bias`` [B, 1 + S] (from ``sampler.logit_bias_numpy``) are
+        optional: without them (PaddleRec's DataLoader) negatives are sampled inside the graph.
+        """
+        if target_item is None:
+            return self.extract(self.item_emb(hist_item), seq_len)
+        if neg_items is None:
+            interests, _ = self.extract(self.item_emb(hist_item), seq_len)
+            target_emb = self.item_emb(paddle.reshape(target_item, [-1]))
+            user_vec = self.readout(interests, target_emb)
+            return self.sampled_softmax_loss(user_vec, target_item), interests
+        # One lookup for history, targets and negatives: one sparse gradient to merge.
+        b, length = hist_item.shape
+        target = paddle.reshape(target_item, [-1])
+        ids = paddle.concat([paddle.reshape(hist_item, [-1]), target, neg_items])
+        hist_emb, target_emb, neg_emb = paddle.split(
+            self.item_emb(ids), [b * length, b, neg_items.shape[0]])
+        interests, _ = self.extract(paddle.reshape(hist_emb, [b, length, -1]), seq_len)
+        user_vec = self.readout(interests, target_emb)
+        pos_logit = paddle.sum(user_vec * target_emb, axis=-1, keepdim=True)
+        neg_logit = paddle.matmul(user_vec, neg_emb, transpose_y=True)
+        logits = paddle.concat([pos_logit, neg_logit], axis=-1) + logit_bias
+        label = paddle.zeros([b, 1], dtype="int64")
+        return paddle.mean(nn.functional.cross_entropy(logits, label, reduction="none")), interests
+
+
+class UserTower(nn.Layer):
+    """The exportable user tower of a ``MultiInterestLayer``: ids and lengths -> interests."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist_item, seq_len):
+        return self.model.interests(hist_item, seq_len)
