@@ -98,6 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {e.epoch}: loss {e.mean_loss:.4f}, {e.samples_per_s:.0f} samples/s, "
               f"{e.seconds:.1f} s -> {e.checkpoint}{valid}")
     if summary.best_epoch is not None:
+        best = {e.epoch: e.valid for e in summary.epochs}.get(summary.best_epoch)
+        if best is not None and summary.valid_popular is not None and best <= summary.valid_popular:
+            print(f"WARNING: the best epoch is no better than most-popular on validation "
+                  f"({summary.valid_metric} {best:.5f} <= {summary.valid_popular:.5f})")
         print(f"best epoch by valid {summary.valid_metric}: {summary.best_epoch}"
               + (" (stopped early)" if summary.stopped_early else ""))
     return 0

@@ -40,6 +40,7 @@ class TrainSummary:
     epochs: list[EpochSummary] = field(default_factory=list)
     valid_metric: str | None = None
     best_epoch: int | None = None
+    valid_popular: float | None = None  # most-popular's validation score, the floor
     stopped_early: bool = False
 
     @property
@@ -162,7 +163,8 @@ def train(config: dict[str, Any]) -> TrainSummary:
     if validator is not None:
         validator.resume(save_path, start_epoch)
     step_model = paddle.DataParallel(model) if world > 1 else model
-    summary = TrainSummary(valid_metric=validator.metric if validator else None)
+    summary = TrainSummary(valid_metric=validator.metric if validator else None,
+                           valid_popular=validator.popular if validator else None)
     logger.info("training on %s (rank %d of %d): epochs %d..%d, batch %d, %d training users",
                 device, rank, world, start_epoch, epochs - 1, batch_size,
                 getattr(reader, "num_users", -1))

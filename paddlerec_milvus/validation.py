@@ -19,7 +19,7 @@ from .checkpoint import BEST_FILE
 from .errors import ConfigError
 from .model_dir import create_reader, data_files
 from .recall import ExactIndex
-from .scoring import score_checkpoint
+from .scoring import score_checkpoint, score_popularity
 
 logger = logging.getLogger(__name__)
 _METRIC = re.compile(r"^(Recall|NDCG|HitRate)@([1-9][0-9]*)$")
@@ -31,6 +31,7 @@ class BestEpoch:
     epoch: int = -1
     value: float = float("-inf")
     history: dict[int, float] = field(default_factory=dict)
+    popular: float | None = None  # most-popular's score on the same users
 
 
 class Validator:
@@ -53,6 +54,8 @@ class Validator:
         if limit > 0 and hasattr(self.reader, "keep_first"):
             self.reader.keep_first(limit)
         self.best = BestEpoch(self.metric)
+        # the floor every checkpoint must clear: most-popular on the same validation users
+        self.popular = score_popularity(config, self.top_n, reader=self.reader)[self.metric]
         self.stale = 0
 
     @staticmethod
@@ -68,8 +71,11 @@ class Validator:
     def update(self, epoch: int, value: float) -> bool:
         """Record ``epoch``'s score; True when training should stop."""
         self._record(epoch, value)
-        logger.info("epoch %d: valid %s %.5f (best %.5f at epoch %d)", epoch, self.metric, value,
-                    self.best.value, self.best.epoch)
+        logger.info("epoch %d: valid %s %.5f (best %.5f at epoch %d; most-popular %.5f)", epoch,
+                    self.metric, value, self.best.value, self.best.epoch, self.popular)
+        if value <= self.popular:
+            logger.warning("epoch %d is no better than most-popular on validation (%s %.5f <= %.5f)",
+                           epoch, self.metric, value, self.popular)
         if self.patience and self.stale >= self.patience:
             logger.info("early stop: no better valid %s for %d epochs; best epoch %d",
                         self.metric, self.stale, self.best.epoch)
@@ -105,6 +111,7 @@ class Validator:
 
     def save(self, save_path: str) -> str:
         """Write ``best.json`` atomically next to the epoch folders."""
+        self.best.popular = self.popular
         os.makedirs(save_path, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".best.", dir=save_path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -152,7 +152,8 @@ def test_create_model_checks_sizes(model):
 @pytest.mark.parametrize("model", MODELS_UNDER_TEST)
 @pytest.mark.parametrize("name", SHARED_FILES)
 def test_shared_files_are_copies_of_minds(model, name):
-    with open(os.path.join(MODELS, "mind", name), "rb") as a, open(os.path.join(MODELS, model, name), "rb") as b:
+    with open(os.path.join(MODELS, "mind", name), "rb") as a, \
+            open(os.path.join(MODELS, model, name), "rb") as b:
         assert a.read() == b.read(), f"models/{model}/{name} must be a copy of models/mind/{name}"
 
 
@@ -161,7 +162,8 @@ def test_shared_files_are_copies_of_minds(model, name):
 def test_configs_load_and_leave_model_init_path_out(model, name):
     path = os.path.join(MODELS, model, name)
     cfg = load_config(path)  # every key known
-    assert cfg["runner.model_save_path"].endswith(f"output_model_{model}" + ("_bigdata" if "big" in name else ""))
+    suffix = "_bigdata" if "bigdata" in name else ""
+    assert cfg["runner.model_save_path"].endswith(f"output_model_{model}{suffix}")
     assert model in cfg["milvus.collection"] and model in cfg["milvus.uri"]
     with open(path) as f:
         assert "runner.model_init_path" not in flatten(yaml.safe_load(f))  # PaddleRec would load it

@@ -12,6 +12,7 @@ from paddlerec_milvus.config import load_config
 from paddlerec_milvus.data_prep import prepare_data
 from paddlerec_milvus.errors import ConfigError
 from paddlerec_milvus.runner import train
+from paddlerec_milvus.scoring import score_popularity
 from paddlerec_milvus.validation import BestEpoch, Validator
 
 CONFIG = os.path.join(MODELS, "mind", "config.yaml")
@@ -36,6 +37,7 @@ def _overrides(tmp_path, data, stats, *extra):
 def _validator(patience):
     v = Validator.__new__(Validator)  # the bookkeeping alone, without a reader
     v.metric, v.patience, v.best, v.stale = "Recall@50", patience, BestEpoch("Recall@50"), 0
+    v.popular = 0.2
     return v
 
 
@@ -49,6 +51,16 @@ def test_patience_counts_epochs_without_improvement():
     assert never.best.epoch == 0
 
 
+def test_an_epoch_no_better_than_most_popular_is_reported(caplog):
+    v = _validator(patience=0)
+    with caplog.at_level("WARNING", logger="paddlerec_milvus.validation"):
+        v.update(0, 0.35)
+        assert not caplog.records
+        v.update(1, 0.15)
+    assert "epoch 1 is no better than most-popular on validation (Recall@50 0.15000 <= 0.20000)" \
+        in caplog.text
+
+
 def test_training_records_the_best_epoch_and_infer_and_export_use_it(planted, tmp_path):
     data, stats = planted
     over = _overrides(tmp_path, data, stats, "runner.epochs=3", "runner.batches_per_epoch=40")
@@ -59,6 +71,10 @@ def test_training_records_the_best_epoch_and_infer_and_export_use_it(planted, tm
     assert sorted(scores) == [0, 1, 2] and [e.valid for e in summary.epochs] == list(scores.values())
     assert best["epoch"] == max(scores, key=scores.get) == summary.best_epoch
     assert best_epoch(str(tmp_path / "ckpt")) == best["epoch"]
+    cfg = load_config(CONFIG, over)
+    valid_users = Validator(cfg).reader
+    assert best["popular"] == score_popularity(cfg, 50, reader=valid_users)["Recall@50"]
+    assert best["popular"] < best["value"]  # planted clusters: the model beats the floor
 
     out = _run_cli("infer", "-m", CONFIG, "-o", *over, "--best", "--exact")
     assert out.startswith(f"epoch {best['epoch']}:") and len(out.strip().splitlines()) == 1
