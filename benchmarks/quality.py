@@ -66,16 +66,23 @@ def _overrides(data: str, run_dir: str, validate: bool = False) -> list[str]:
             "milvus.collection=bench_items"]
 
 
-def train_and_evaluate(name: str, label: str, budget: list[str], quick: bool) -> dict:
+def model_config(model: str) -> str:
+    """The model directory's full-data config (models/<model>/config_bigdata.yaml)."""
+    return os.path.join(MODELS, model, "config_bigdata.yaml")
+
+
+def train_and_evaluate(name: str, label: str, budget: list[str], quick: bool, model: str = "mind") -> dict:
     """Train in a subprocess (so its peak RSS is its own), then evaluate every epoch."""
     data = prepared(name)
-    run_dir = os.path.join(BENCH_DIR, "runs", f"{name}_{label}")
+    config = model_config(model)
+    run = f"{name}_{label}" if model == "mind" else f"{name}_{model}_{label}"
+    run_dir = os.path.join(BENCH_DIR, "runs", run)
     shutil.rmtree(os.path.join(run_dir, "ckpt"), ignore_errors=True)  # no best.json of an older run
     validate = any(o.startswith("runner.early_stop_patience=") for o in budget)
     over = _overrides(data, run_dir, validate) + budget
     if quick:
         over += ["runner.epochs=2", "runner.batches_per_epoch=200"]
-    cmd = [python(), "-u", os.path.join(MODELS, "trainer.py"), "-m", CONFIG, "-o", *over]
+    cmd = [python(), "-u", os.path.join(MODELS, "trainer.py"), "-m", config, "-o", *over]
     logger.info("training %s (%s)...", name, label)
     out, wall, peak_mb = run_measured(cmd, cwd=MODELS)
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
@@ -86,7 +93,7 @@ def train_and_evaluate(name: str, label: str, budget: list[str], quick: bool) ->
     final_epoch = best_epoch(os.path.join(run_dir, "ckpt")) if validate else None
     final_epoch = n_epochs - 1 if final_epoch is None else final_epoch
     logger.info("evaluating %s (%s), %d epochs, exact search...", name, label, n_epochs)
-    infer = [python(), "-u", os.path.join(MODELS, "infer.py"), "-m", CONFIG, "-top_n", "50",
+    infer = [python(), "-u", os.path.join(MODELS, "infer.py"), "-m", config, "-top_n", "50",
              "--paddlerec-metrics", "-o", *over, "runner.infer_start_epoch=0",
              f"runner.infer_end_epoch={n_epochs}"]
     run_measured(infer + ["--exact"], cwd=MODELS)
@@ -103,7 +110,7 @@ def train_and_evaluate(name: str, label: str, budget: list[str], quick: bool) ->
     with open(os.path.join(run_dir, "ckpt", str(final_epoch), "metrics_top50.json")) as f:
         final = json.load(f)
     return {
-        "dataset": name, "label": label, "budget": budget, "quick": quick,
+        "dataset": name, "model": model, "label": label, "budget": budget, "quick": quick,
         "train_wall_s": wall, "train_s": sum(secs), "samples_per_s": sum(r * s for r, s in zip(rates, secs))
         / max(sum(secs), 1e-9), "epoch_s": sum(secs) / max(len(secs), 1), "peak_rss_mb": peak_mb,
         "epochs_run": n_epochs, "final_epoch": final_epoch, "selected_by": "validation" if validate

@@ -1,7 +1,7 @@
 """Running Paddle Serving 0.9 (built for Python <= 3.9) on Python 3.11: the only module that knows how.
 
 ``paddle-serving-server==0.9.0`` is installed with ``--no-deps`` (its pins do not resolve on 3.11).
-Its pipeline mode then works, given what this module does (DESIGN.md, "Paddle Serving 0.9 on
+Its pipeline mode then works, given what this module does (docs/design.md, "Paddle Serving 0.9 on
 Python 3.11"):
 
 1. ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python`` before ``google.protobuf`` is imported: its
