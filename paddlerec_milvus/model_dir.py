@@ -20,17 +20,20 @@ _LOADED_DIR: str | None = None
 
 
 def _use_model_dir(model_dir: str) -> None:
-    """Make ``model_dir``'s modules importable; reload them if another dir was used before."""
+    """Make ``model_dir``'s modules importable. Every model directory names its modules alike
+    (``net``, ``dygraph_model``, readers): a module of that name loaded from elsewhere (another
+    model directory, a test) is dropped so the import finds this directory's file."""
     global _LOADED_DIR
-    if model_dir not in sys.path:
-        sys.path.insert(0, model_dir)
-    if _LOADED_DIR not in (None, model_dir):
-        for name in list(sys.modules):
-            mod = sys.modules[name]
-            if os.path.dirname(getattr(mod, "__file__", "") or "") == _LOADED_DIR:
-                del sys.modules[name]
-        if _LOADED_DIR in sys.path:
-            sys.path.remove(_LOADED_DIR)
+    if _LOADED_DIR not in (None, model_dir) and _LOADED_DIR in sys.path:
+        sys.path.remove(_LOADED_DIR)
+    if model_dir in sys.path:
+        sys.path.remove(model_dir)
+    sys.path.insert(0, model_dir)
+    own = {f[:-3] for f in os.listdir(model_dir) if f.endswith(".py")}
+    for name in own & set(sys.modules):
+        where = os.path.dirname(os.path.abspath(getattr(sys.modules[name], "__file__", "") or ""))
+        if where != os.path.abspath(model_dir):
+            del sys.modules[name]
     _LOADED_DIR = model_dir
 
 

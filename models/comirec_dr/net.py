@@ -14,26 +14,10 @@ them). Training reads out the single interest closest to the target (ComiRec's h
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from multi_interest import MultiInterestLayer, squash
+from multi_interest import MultiInterestLayer, select_interest, squash
 
 BILINEAR = ("per_interest", "shared")
 READOUT = ("hard", "soft")
-
-
-def readout(interests, target_emb, mode="hard"):
-    """The user vector the target is scored against in training.
-
-    ``hard``: the interest with the largest inner product with the target (ComiRec); a one-hot
-    mask rather than a gather keeps it one graph in dygraph and static mode, and the gradient
-    reaches only the chosen interest. ``soft``: the softmax(score)-weighted mix (MIND's
-    label-aware attention with p = 1).
-    """
-    score = paddle.sum(interests * target_emb.unsqueeze(1), axis=-1)  # [B, K]
-    if mode == "hard":
-        att = F.one_hot(paddle.argmax(score, axis=-1), interests.shape[1]).astype(interests.dtype)
-    else:
-        att = F.softmax(score, axis=-1)
-    return paddle.sum(att.unsqueeze(-1) * interests, axis=1)  # [B, D]
 
 
 class DynamicRouting(nn.Layer):
@@ -41,8 +25,9 @@ class DynamicRouting(nn.Layer):
 
     ``bilinear="per_interest"`` (ComiRec's ``bilinear_type=2``, the paper's model): one D x D map
     per (history position, interest), L*K*D*D weights. ``"shared"`` (``bilinear_type=1``): one map
-    per interest, shared by all positions, K*D*D weights. Both start from N(0, init_std) as
-    ComiRec does (std 1), so the first squashed interests are not vanishingly short.
+    per interest, shared by all positions, K*D*D weights. Both start from N(0, init_std), as
+    ComiRec does (std 1): the maps' output scale is init_std x the item embeddings' scale, so a
+    smaller item table (larger Xavier embeddings) wants a smaller init_std (the demo uses 0.1).
     """
 
     def __init__(self, dim, maxlen, max_k, iters, init_std=1.0, bilinear="per_interest"):
@@ -106,4 +91,4 @@ class ComiRecDRLayer(MultiInterestLayer):
         return self.routing(hist_emb, seq_len)
 
     def readout(self, interests, target_emb):
-        return readout(interests, target_emb, self.readout_mode)
+        return select_interest(interests, target_emb, self.readout_mode)

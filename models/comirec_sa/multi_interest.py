@@ -19,6 +19,20 @@ def squash(z, eps=1e-9):
     return z * (sq / (1.0 + sq)) / paddle.sqrt(sq + eps)
 
 
+def select_interest(interests, target_emb, mode="hard"):
+    """The user vector a training target is scored against: ``hard`` = the interest with the
+    largest inner product with the target (ComiRec; a one-hot mask, not a gather, so it is one
+    graph in dygraph and static mode and only the chosen interest gets gradient); ``soft`` = the
+    softmax(score)-weighted mix (MIND's label-aware attention with p = 1)."""
+    score = paddle.sum(interests * target_emb.unsqueeze(1), axis=-1)  # [B, K]
+    if mode == "hard":
+        att = nn.functional.one_hot(paddle.argmax(score, axis=-1), interests.shape[1])
+        att = att.astype(interests.dtype)
+    else:
+        att = nn.functional.softmax(score, axis=-1)
+    return paddle.sum(att.unsqueeze(-1) * interests, axis=1)  # [B, D]
+
+
 class LogUniformSampler:
     """Negatives drawn ~ log-uniform over ids 1..n (dense ids are ranked by popularity).
 

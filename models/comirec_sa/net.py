@@ -14,25 +14,9 @@ out the single interest closest to the target (ComiRec's hard readout).
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from multi_interest import MultiInterestLayer
+from multi_interest import MultiInterestLayer, select_interest
 
 READOUT = ("hard", "soft")
-
-
-def readout(interests, target_emb, mode="hard"):
-    """The user vector the target is scored against in training.
-
-    ``hard``: the interest with the largest inner product with the target (ComiRec); a one-hot
-    mask rather than a gather keeps it one graph in dygraph and static mode, and the gradient
-    reaches only the chosen interest. ``soft``: the softmax(score)-weighted mix (MIND's
-    label-aware attention with p = 1).
-    """
-    score = paddle.sum(interests * target_emb.unsqueeze(1), axis=-1)  # [B, K]
-    if mode == "hard":
-        att = F.one_hot(paddle.argmax(score, axis=-1), interests.shape[1]).astype(interests.dtype)
-    else:
-        att = F.softmax(score, axis=-1)
-    return paddle.sum(att.unsqueeze(-1) * interests, axis=1)  # [B, D]
 
 
 class SelfAttention(nn.Layer):
@@ -82,4 +66,4 @@ class ComiRecSALayer(MultiInterestLayer):
         return self.attention(hist_emb, seq_len)
 
     def readout(self, interests, target_emb):
-        return readout(interests, target_emb, self.readout_mode)
+        return select_interest(interests, target_emb, self.readout_mode)
