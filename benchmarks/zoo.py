@@ -4,6 +4,7 @@ budgets for every model, epochs chosen on validation in the tuned runs).
 
     python -m benchmarks.zoo [--quick] [--datasets amazon_book_1m,movielens_1m]
         [--models mind,comirec_dr,comirec_sa]   ->  docs/model_zoo.md, docs/model_zoo.json
+(--datasets takes any of benchmarks.quality.DATASETS)
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ MODELS = ("mind", "comirec_dr", "comirec_sa")
 NAMES = {"mind": "MIND", "comirec_dr": "ComiRec-DR", "comirec_sa": "ComiRec-SA"}
 
 
-def run(quick: bool = False, datasets: tuple[str, ...] = tuple(quality.DATASETS),
+def run(quick: bool = False, datasets: tuple[str, ...] = quality.TUNED_ON,
         models: tuple[str, ...] = MODELS) -> dict:
     runs, figures = [], {}
     for name in datasets:
         pop = quality.popularity(name)
         figures[f"popular_recall50_{name}"] = pop["Recall@50"]
         figures[f"ref_recall50_{name}"] = quality.REFERENCE[name]["recall50"]
-        for label, budget in (("reference_budget", quality.REFERENCE_BUDGET), ("tuned", quality.TUNED[name])):
+        recipes = (("reference_budget", quality.REFERENCE_BUDGET), ("tuned", quality.tuned_recipe(name)))
+        for label, budget in recipes:
             for model in models:
                 r = quality.train_and_evaluate(name, label, budget, quick, model=model)
                 r["popular"] = pop
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--datasets", default=",".join(quality.DATASETS))
+    p.add_argument("--datasets", default=",".join(quality.TUNED_ON))
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.quick, tuple(args.datasets.split(",")), tuple(args.models.split(",")))
     result["wall_s"] = time.time() - t0
     command = "python -m benchmarks.zoo" + (" --quick" if args.quick else "") + \
-        (f" --datasets {args.datasets}" if args.datasets != ",".join(quality.DATASETS) else "") + \
+        (f" --datasets {args.datasets}" if args.datasets != ",".join(quality.TUNED_ON) else "") + \
         (f" --models {args.models}" if args.models != ",".join(MODELS) else "")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "model_zoo.json"), "w", encoding="utf-8") as f:

@@ -110,7 +110,8 @@ def test_infer_reader_keeps_all_eval_items_and_every_user(tmp_path):
         evals = " ".join(f"eval_item:{i}" for i in range(100, 100 + 25 + u))
         lines.append(f"user_id:{u} target_item:0 {hist} {evals}")
     (d / "part-0.txt").write_text("\n".join(lines) + "\n")
-    cfg = load_config(CONFIG, [f"runner.test_data_dir={d}", "hyper_parameters.item_count=200"])
+    cfg = load_config(CONFIG, [f"runner.test_data_dir={d}", f"runner.train_data_dir={tmp_path}/train",
+                               "hyper_parameters.item_count=200"])  # no meta.json there: any count
     reader = create_reader(cfg, "test")
     batches = list(reader.iter_batches(3))
     assert [len(b[0]) for b in batches] == [3, 3, 1]  # the last partial batch is kept
