@@ -118,6 +118,23 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from .tune import format_report, parse_budget, tune
+
+    budget = parse_budget(args.budget)
+    output = args.output or (str(config.get("runner.model_save_path") or "output_model") + "_tune")
+    rep = tune(config, budget, output, max_trials=args.trials, overrides=args.opt)
+    print(format_report(rep), end="")
+    if rep.best_trial is None:
+        print("no trial completed within the budget; run again with the same --output to continue")
+        return 1
+    print(f"best config: {output}/best_config.yaml; its checkpoints: {rep.best_checkpoints} "
+          f"(infer.py --best -o runner.infer_load_path={rep.best_checkpoints}); "
+          f"report: {output}/tune_report.md")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     config = _load(args)
     from .export import export_model
@@ -167,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_infer_args(p)
     p.set_defaults(fn=cmd_infer)
+
+    p = sub.add_parser("tune", help="search hyper-parameters on the validation split (Optuna)")
+    _add_config_args(p)
+    p.add_argument("--budget", required=True, help="wall time: 30m, 2h, 90s")
+    p.add_argument("--trials", type=int, default=None, help="stop after this many trials")
+    p.add_argument("--output", default=None,
+                   help="study folder (default {runner.model_save_path}_tune); the same folder resumes")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("export", help="export the user tower + item vectors for serving")
     _add_config_args(p)

@@ -8,7 +8,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,8 +132,10 @@ def check_replicas_in_sync(model, world: int) -> float:
     return gap
 
 
-def train(config: dict[str, Any]) -> TrainSummary:
+def train(config: dict[str, Any],
+          on_epoch: Callable[[int, float], None] | None = None) -> TrainSummary:
     """Train for ``runner.epochs``; save ``{model_save_path}/{epoch}/rec.pdparams`` each epoch.
+    ``on_epoch(epoch, valid score)`` runs after each validation (``tune`` prunes trials there).
 
     Data parallel (``runner.use_fleet``): each rank trains on its shard with
     ``train_batch_size / world`` samples a step, gradients are averaged, rank 0 saves.
@@ -214,6 +216,9 @@ def train(config: dict[str, Any]) -> TrainSummary:
         if validator is not None:
             es.valid = validator.score(dm, model)
             stop = validator.update(epoch, es.valid)
+            if on_epoch is not None:
+                validator.save(save_path)  # a trial stopped here still records its best epoch
+                on_epoch(epoch, es.valid)
             validator.save(save_path)
             summary.best_epoch = validator.best.epoch
         if _agree_to_stop(stop, world):
