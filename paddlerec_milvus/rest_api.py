@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -28,7 +29,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .errors import (
@@ -293,6 +294,7 @@ class RequestGuard:
         self.app, self.s = app, settings
         self.any_host = "*" in settings.allowed_hosts
         self.recalls_in_flight = 0  # one event loop: no lock needed
+        self.refused = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -302,44 +304,28 @@ class RequestGuard:
         problem = self._check(scope, headers, host)
         if problem:
             return await _send_json(send, *problem)
-        if scope["path"] == "/rec/recall":
+        if scope["path"] == "/rec/recall" and scope["method"] == "POST":
             scope.setdefault("state", {})["arrival"] = time.monotonic()  # the deadline counts from here
-            # past max_inflight, refuse before reading the body: a refusal must cost far less than
-            # an answer, or overload would still pile up in the event loop
+            data = await self._read_body(receive, send, headers)
+            if data is None:
+                return None
+            # past max_inflight, refuse at once: a refusal must cost far less than an answer, or
+            # overload would still pile up in the event loop. The body is read, so the connection
+            # stays open (a client that reconnects after every refusal costs the server more).
             limit = self.s.limits.max_inflight
             if self.recalls_in_flight >= limit:
-                return await _send_json(send, 429, f"overloaded: {limit} recall requests already in "
-                                                   "progress; retry shortly", {"Retry-After": "1"})
+                self.refused += 1
+                return await _send_body(send, 429, json.dumps({"detail": (
+                    f"overloaded: {limit} recall requests already in progress; retry shortly")}).encode(),
+                    {"Retry-After": "1"})
             self.recalls_in_flight += 1
-            try:
-                return await self._serve(scope, receive, send, headers)
+            try:  # the hot path: answered here, without FastAPI's routing and per-request stack
+                return await recall_endpoint(scope["app"].state.api, scope, headers, data, send)
             finally:
                 self.recalls_in_flight -= 1
-        return await self._serve(scope, receive, send, headers)
-
-    async def _serve(self, scope: dict, receive: Any, send: Any, headers: dict[str, str]) -> None:
-        limit = self.s.limits.max_body_bytes
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _send_json(send, 400, "invalid Content-Length header")
-            if int(length) > limit:
-                return await _send_json(send, 413, f"request body of {length} bytes is over the limit "
-                                                   f"of {limit} bytes")
-        body, more = [], True
-        size = 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await _send_json(send, 413, f"request body is over the limit of {limit} bytes "
-                                                   "(chunked)")
-            body.append(chunk)
-            more = message.get("more_body", False)
-        data = b"".join(body)
+        data = await self._read_body(receive, send, headers)
+        if data is None:
+            return None
         replayed = False
 
         async def replay() -> dict:
@@ -350,6 +336,33 @@ class RequestGuard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Any, send: Any, headers: dict[str, str]) -> bytes | None:
+        """The whole body, or None when it was refused (too large, bad length) or the client left."""
+        limit = self.s.limits.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _send_json(send, 400, "invalid Content-Length header")
+                return None
+            if int(length) > limit:
+                await _send_json(send, 413, f"request body of {length} bytes is over the limit of "
+                                            f"{limit} bytes")
+                return None
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_json(send, 413, f"request body is over the limit of {limit} bytes (chunked)")
+                return None
+            body.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(body)
 
     def _check(self, scope: dict, headers: dict[str, str], host: str) -> tuple[int, str, dict] | None:
         name = _host_name(host)
@@ -390,9 +403,15 @@ def _origin_authority(origin: str) -> str:
 
 
 async def _send_json(send: Any, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    """A refusal before the app: the connection closes (the body may not have been read)."""
+    await _send_body(send, status, json.dumps({"detail": detail}).encode(), extra, close=True)
+
+
+async def _send_body(send: Any, status: int, body: bytes, extra: dict[str, str] | None = None,
+                     close: bool = False) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -411,8 +430,9 @@ def _status_of(exc: BaseException) -> int:
     return 500
 
 
-async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errs = exc.errors()
+def validation_body(errs: Sequence[Any]) -> dict[str, Any]:
+    """422's body: the first problem in one sentence (field path, what is wrong, the value),
+    and every problem's location, message and type."""
     first = errs[0] if errs else {}
     msg = f"{_field_path(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid request')}"
     if first.get("type") == "json_invalid":
@@ -426,7 +446,11 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     if len(errs) > 1:
         msg += f"; and {len(errs) - 1} more problem(s)"
     slim = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errs[:20]]
-    return JSONResponse({"detail": msg, "errors": jsonable_encoder(slim)}, status_code=422)
+    return {"detail": msg, "errors": jsonable_encoder(slim)}
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(validation_body(exc.errors()), status_code=422)
 
 
 async def on_our_error(request: Request, exc: PaddleRecMilvusError) -> JSONResponse:
@@ -443,23 +467,71 @@ router = APIRouter()
 
 @router.post("/rec/recall", response_model=RecallResponse, tags=["recall"],
              summary="Recall top_k items for each history row")
-async def recall(req: RecallRequest, request: Request) -> RecallResponse:
+async def recall(req: RecallRequest, request: Request) -> dict[str, Any]:
     """Each row of ``hist_item`` (a user's clicked raw item ids) -> K interest vectors ->
     K Milvus searches -> one merged list of raw item ids, best first. Concurrent requests are
     micro-batched (one tower call, one search); each gets its own answer."""
+    # RequestGuard answers POST /rec/recall itself (recall_endpoint); this declaration gives the
+    # schema and /docs, and serves the app when it runs without the guard
+    return await _recall(_state(request), req, getattr(request.state, "arrival", None))
+
+
+async def _recall(state: _State, req: RecallRequest, arrival: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    state = _state(request)
-    service = _service(request)
+    service = state.service
+    if service is None:
+        raise MilvusUnavailable("the model is not loaded: the service is starting or stopping")
     args = (req.hist_item, req.top_k, req.exclude_history, req.filter, req.timeout_ms)
-    arrival = getattr(request.state, "arrival", None)
     if service.batching:  # checked here, then awaited: no thread waits for the batch
         ans = await service.recall_async(service.prepare(*args, arrival=arrival))
     else:
         ans = await run_in_threadpool(service.recall, *args, arrival=arrival)
     titles = [[state.titles.get(i) for i in row] for row in ans.items] if req.with_titles else None
-    return RecallResponse(items=ans.items, scores=ans.scores if req.with_scores else None,
-                          titles=titles, top_k=req.top_k or state.settings.limits.default_top_k,
-                          notes=ans.notes, model_version=ans.model_version, took_ms=_ms(t0))
+    return {"items": ans.items, "scores": ans.scores if req.with_scores else None, "titles": titles,
+            "top_k": req.top_k or state.settings.limits.default_top_k, "notes": ans.notes,
+            "model_version": ans.model_version, "took_ms": _ms(t0)}
+
+
+def _is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return True  # no type given: read it as JSON
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def recall_endpoint(state: _State, scope: dict, headers: dict[str, str], body: bytes,
+                          send: Any) -> None:
+    """``POST /rec/recall`` as plain ASGI, with the same validation (the pydantic model, parsed
+    from the bytes by pydantic-core) and the same answers and errors as the FastAPI route: at a
+    few hundred requests a second per core, FastAPI's routing, dependency solving and response
+    re-validation cost more than the batched tower and search."""
+    if not _is_json(headers.get("content-type")):
+        return await _send_body(send, 415, json.dumps({"detail": (
+            f"/rec/recall needs a JSON body (Content-Type: application/json; got "
+            f"{headers['content-type']!r})")}).encode())
+    if not body.strip():
+        return await _send_body(send, 422, json.dumps({"detail": (
+            "the request body is empty: send a JSON object with hist_item, e.g. "
+            '{"top_k": 50, "hist_item": [[43, 23, 65]]}'), "errors": [
+            {"loc": ["body"], "msg": "Field required", "type": "missing"}]}).encode())
+    try:
+        req = RecallRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errs = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        return await _send_body(send, 422, json.dumps(validation_body(errs)).encode())
+    try:
+        answer = await _recall(state, req, scope.get("state", {}).get("arrival"))
+    except PaddleRecMilvusError as exc:
+        status = _status_of(exc)
+        if status >= 500:
+            logger.warning("POST /rec/recall: %s", exc)
+        return await _send_body(send, status, json.dumps({"detail": str(exc)}).encode(),
+                                {"Retry-After": "1"} if status in (429, 503) else None)
+    except Exception as exc:  # noqa: BLE001 - a bug answers 500 and the server keeps serving
+        logger.exception("POST /rec/recall failed")
+        return await _send_body(send, 500, json.dumps({"detail": f"internal error: {type(exc).__name__}"}
+                                                      ).encode())
+    await _send_body(send, 200, json.dumps(answer, separators=(",", ":")).encode())
 
 
 @router.post("/rec/interests", response_model=InterestsResponse, tags=["recall"],

@@ -1,7 +1,7 @@
 """A load generator in its own process (tests must not load a service from threads of the test
 process): ``python tests/http_load_child.py URL CONCURRENCY PER_CLIENT`` reads a JSON list of
 request bodies on stdin, sends them round-robin from CONCURRENCY keep-alive connections, and
-prints one JSON list of [body index, status, Retry-After, reply JSON] on stdout."""
+prints one JSON list of [body index, status, Retry-After, reply JSON, Connection header] on stdout."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def main() -> int:
             except ValueError:
                 parsed = data.decode(errors="replace")
             with lock:
-                out.append([i, reply.status, reply.getheader("Retry-After"), parsed])
+                out.append([i, reply.status, reply.getheader("Retry-After"), parsed,
+                            reply.getheader("Connection")])
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]

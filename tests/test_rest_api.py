@@ -303,6 +303,31 @@ def test_bad_recall_requests_get_4xx(api, body, status, words):
     assert words in r.json()["detail"], r.json()["detail"]
 
 
+def test_recall_content_types_and_empty_bodies(api, demo):
+    """/rec/recall is answered by plain ASGI code beside FastAPI: it must read what FastAPI
+    would, refuse what it cannot read with a reason, and keep the schema on /docs."""
+    body = json.dumps({"top_k": 3, "hist_item": [demo["histories"][0]]})
+    want = api.post("/rec/recall", json.loads(body)).json()["items"]
+    for ctype in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json",
+                  None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = requests.post(api.url + "/rec/recall", data=body.encode(), headers=headers, timeout=30)
+        assert r.status_code == 200 and r.json()["items"] == want, (ctype, r.text)
+    r = requests.post(api.url + "/rec/recall", data=body, headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415 and "text/plain" in r.json()["detail"]
+    for empty in (b"", b"  \n"):
+        r = requests.post(api.url + "/rec/recall", data=empty, timeout=30,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "empty" in r.json()["detail"], r.text
+    r = requests.post(api.url + "/rec/recall", data=b"\xff\xfe", timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+    assert api.get("/rec/recall").status_code == 405
+    op = api.get("/openapi.json").json()["paths"]["/rec/recall"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/RecallRequest")
+    assert "429" in op["responses"] and "422" in op["responses"]
+
+
 def test_other_bad_requests_and_the_service_keeps_answering(api, demo):
     history = demo["histories"][0]
     r = api.post("/rec/recall", {"top_k": 5, "hist_item": [history], "filter": "no_such_field > 3"})
