@@ -39,10 +39,11 @@ test: install-dev
 lint: install-dev
 	$(BIN)/ruff check .
 
-# The load section's HTTP closed loop runs `hey` (Debian's package), installed here when missing.
+# The load section's HTTP closed loop runs `wrk` (Debian's package; `hey` is the fallback),
+# installed here when missing.
 bench: install-dev
-	@if ! command -v hey >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey; fi
+	@if ! command -v wrk >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; fi
 	$(BIN)/python -m benchmarks
 
 gpu-check: install

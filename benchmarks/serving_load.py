@@ -280,14 +280,27 @@ def deadline_supported(target: str, endpoint: str, body: dict[str, Any], deadlin
 
 
 # -- loads -----------------------------------------------------------------------------------------
-def closed(target: str, endpoint: str, bodies: list[dict[str, Any]], conc: int, n: int) -> dict[str, Any]:
+def rest_generator() -> str:
+    """wrk (C: a few percent of a core) where installed, else hey (Go: a third of this 2-core
+    machine at 1,000 req/s, taken from the server it measures), else our own."""
+    return next((g for g in ("wrk", "hey") if shutil.which(g)), "load_gen http-closed")
+
+
+def closed(target: str, endpoint: str, bodies: list[dict[str, Any]], conc: int, n: int,
+           seconds: float) -> dict[str, Any]:
+    """A closed-loop level's summary: ``n`` requests (wrk: ``seconds`` of them)."""
     if target == "rest":
-        if shutil.which("hey"):
-            return load_gen.run_hey(endpoint, bodies[0], conc, n)
-        return load_gen.run_load("http-closed", url=endpoint, bodies=bodies, concurrency=conc, requests=n,
-                                 processes=1 if conc == 1 else GEN_PROCESSES, timeout=30)
-    return load_gen.run_load("grpc-closed", target=endpoint, bodies=bodies, concurrency=conc, requests=n,
-                             processes=1 if conc == 1 else GEN_PROCESSES, timeout=30)
+        gen = rest_generator()
+        if gen == "wrk":
+            return load_gen.run_wrk(endpoint, bodies, conc, seconds, timeout=30)
+        if gen == "hey":
+            return load_gen.summarize(load_gen.run_hey(endpoint, bodies[0], conc, n))
+        return load_gen.summarize(load_gen.run_load(
+            "http-closed", url=endpoint, bodies=bodies, concurrency=conc, requests=n,
+            processes=1 if conc == 1 else GEN_PROCESSES, timeout=30))
+    return load_gen.summarize(load_gen.run_load(
+        "grpc-closed", target=endpoint, bodies=bodies, concurrency=conc, requests=n,
+        processes=1 if conc == 1 else GEN_PROCESSES, timeout=30))
 
 
 def open_loop(target: str, endpoint: str, bodies: list[dict[str, Any]],
@@ -333,6 +346,8 @@ def _row(cat: str, backend: str, target: str, mode: str, load: str, s: dict[str,
             "p99 ms": s["ok"]["p99_ms"], "max ms": s["ok"]["max_ms"],
             "non-200": s["requests"] - s["ok"]["n"], "rejected": s["rejected"]["n"],
             "rejected p99 ms": s["rejected"]["p99_ms"] if s["rejected"]["n"] else None,
+            "rejected p99 ms from send": s["rejected_from_send"]["p99_ms"]
+            if s.get("rejected_from_send", {}).get("n") else None,
             "vs in-process": s["ok_rps"] / base_rps if base_rps else None, "requests": s["requests"]}
 
 
@@ -353,7 +368,8 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
         rows.append({"catalogue": cat, "backend": backend, "target": "in-process", "mode": "unbatched",
                      "load": f"closed c={c}", "offered/s": None, "ok/s": m["throughput_rps"],
                      "p50 ms": m["p50_ms"], "p99 ms": m["p99_ms"], "max ms": None, "non-200": 0,
-                     "rejected": 0, "rejected p99 ms": None, "vs in-process": 1.0, "requests": m["requests"]})
+                     "rejected": 0, "rejected p99 ms": None,
+                     "rejected p99 ms from send": None, "vs in-process": 1.0, "requests": m["requests"]})
         figures[f"serving_inprocess_c{c}_rps{sfx}"] = m["throughput_rps"]
         figures[f"serving_inprocess_c{c}_p50_ms{sfx}"] = m["p50_ms"]
     base = {c: ref["levels"][str(c)]["throughput_rps"] for c in CONCURRENCY}
@@ -365,11 +381,11 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
             logger.info("[%s/%s] %s %s: starting...", cat, backend, target, mode)
             with start(exp, mode, sub) as endpoint:
                 check_answer(target, endpoint, bodies[0])
-                warm = load_gen.summarize(closed(target, endpoint, bodies, 4, b["warmup"]))  # not recorded
+                warm = closed(target, endpoint, bodies, 4, b["warmup"], 2.0)  # not recorded
                 levels, last_rps = {}, warm["ok_rps"] / 2
                 for c in CONCURRENCY:
                     n = level_requests(b, last_rps, c)
-                    s = load_gen.summarize(closed(target, endpoint, bodies, c, n))
+                    s = closed(target, endpoint, bodies, c, n, b["level_s"])
                     last_rps = s["ok_rps"]
                     levels[c] = s
                     rows.append(_row(cat, backend, target, mode, f"closed c={c}", s, base_rps=base[c]))
@@ -406,6 +422,8 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
                     figures[f"{key}_rejected{sfx}"] = s["rejected"]["n"]
                     figures[f"{key}_rejected_p99_ms{sfx}"] = s["rejected"]["p99_ms"] if s["rejected"]["n"] \
                         else None
+                    figures[f"{key}_rejected_from_send_p99_ms{sfx}"] = s["rejected_from_send"]["p99_ms"] \
+                        if s["rejected_from_send"]["n"] else None
                     figures[f"{key}_errors{sfx}"] = s["errors"]
                     figures[f"{key}_send_lag_p99_ms{sfx}"] = rec.get("send_lag_p99_ms")
                     figures[f"{key}_connections{sfx}"] = rec["connections"]
@@ -505,9 +523,9 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
     rows, figures, notes, plots, tables, timelines, combos = [], {}, [], [], [], {}, []
     if batch_note:
         notes.append(batch_note)
-    if not shutil.which("hey"):
-        notes.append("hey is not installed (apt-get install hey): the REST closed loop ran "
-                     "benchmarks.load_gen http-closed instead")
+    if rest_generator() != "wrk":
+        notes.append(f"wrk is not installed (apt-get install wrk): the REST closed loop ran "
+                     f"{rest_generator()} instead")
     models = {}
     for name in catalogues:
         models[name] = demo_catalogue(os.path.join(work, "demo")) if name == "demo" else book_catalogue()
@@ -542,7 +560,10 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
         finally:
             if server is not None:
                 server.stop()
-    hey = "hey" if shutil.which("hey") else "load_gen http-closed"
+    gen = rest_generator()
+    how = {"wrk": "2 threads, bodies rotating over the same 64 histories; latency columns of every "
+                  "reply, wrk keeps no per-request records",
+           "hey": "one fixed request body: hey sends the same body every time"}.get(gen, "")
     lags = [v for k, v in figures.items() if "send_lag" in k and v is not None]
     intro = [
         "Load from generators in their own processes (client and servers share the machine's cores). "
@@ -550,7 +571,7 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
         f"Closed loop: about {b['level_s']:g} s per level ({b['closed_min']}..{b['closed_max']} requests: "
         f"the last level's req/s x {b['level_s']:g} s; `requests` column) after {b['warmup']} warm-up "
         f"requests at c=4 (in-process: {b['inprocess']} per level); "
-        f"REST with `{hey}` (one fixed request body: hey sends the same body every time), gRPC with "
+        f"REST with `{gen}` ({how}), gRPC with "
         f"`benchmarks.load_gen grpc-closed` ({GEN_PROCESSES} processes for c > 1, raw pre-serialized "
         "pipeline requests rotating over 64 histories). Latency columns are of the 200 replies; "
         "`vs in-process` = req/s / in-process req/s at the same concurrency.",
@@ -571,7 +592,8 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
         f"err_no 54 (RPC). Recovery: {b['recovery_s'][0]:g} s at 200% then {b['recovery_s'][1]:g} s "
         "at 50%; `serving_*_recovery_s` = seconds after the drop until a 1-s slice of requests all "
         "got 200 within 2x the 50%-load p99. Phase rows: latency and statuses of the requests "
-        "scheduled in the phase, ok/s of the 200s completed during it (a backlog drains later). "
+        "scheduled in the phase, ok/s of the 200s completed during it (a backlog drains later); "
+        "`rejected p99 ms from send` leaves the generator's own lateness out. "
         + (f"The generators were at most {max(lags):.1f} ms late (p99, scheduled time to the request "
            "handed to its connection)." if lags else ""),
         "Measured: " + "; ".join(combos) + ".",

@@ -94,7 +94,7 @@ class ServingLimits:
     batch_window_ms: float = 1.0  # once requests overlap, wait this long for more (a lone one never waits)
     queue_max_users: int = 256  # users waiting per stage; past it a request is refused (HTTP 429, err_no 54)
     request_timeout: float = 10.0  # a request's deadline (a request may ask for less: timeout_ms)
-    max_inflight: int = 48  # recall requests in the service at once; past it 429 at once
+    max_inflight: int = 64  # recall requests in the service at once; past it 429 at once
 
     _ENV_NAMES = {"max_users": "MAX_USERS", "max_history": "MAX_HISTORY", "max_top_k": "MAX_TOP_K",
                   "default_top_k": "DEFAULT_TOP_K", "max_upsert": "MAX_UPSERT",

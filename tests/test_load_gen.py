@@ -7,6 +7,7 @@ import ast
 import asyncio
 import json
 import os
+import shutil
 import threading
 from concurrent import futures
 from importlib.util import find_spec
@@ -26,6 +27,7 @@ class TinyHttp:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.seen = 0
+        self.bodies: list[dict] = []
         started = threading.Event()
 
         def serve() -> None:
@@ -48,6 +50,7 @@ class TinyHttp:
                 length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length"))
                 body = json.loads(await reader.readexactly(length))
+                self.bodies.append(body)
                 if body.get("hang"):
                     await asyncio.sleep(2)
                     status, text = "200 OK", b"{}"
@@ -115,6 +118,26 @@ def test_http_status_split(http_server):
     assert s["ok"]["n"] == 20 and s["rejected"]["n"] == 20 and s["errors"] == 10
     assert s["rejected"]["p99_ms"] < 100
     assert s["ok_rps"] == pytest.approx(40)
+    # from the send: the generator's own lateness left out, never more than from the schedule
+    assert s["rejected_from_send"]["n"] == 20
+    assert s["rejected_from_send"]["p99_ms"] <= s["rejected"]["p99_ms"]
+    assert len(rec["lag"]) == len(rec["st"]) and min(rec["lag"]) >= 0
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed (make bench installs it)")
+def test_wrk_closed_loop_counts_statuses_and_rotates_bodies(http_server):
+    http_server.seen = 1  # no stall
+    bodies = [{"hist_item": [[1]]}, {"hist_item": [[2]], "reject": True}]
+    s = load_gen.run_wrk(http_server.url, bodies, concurrency=2, seconds=1, timeout=5)
+    assert s["generator"] == "wrk" and s["seconds"] == pytest.approx(1.0, abs=0.3)
+    n = s["requests"]
+    assert n > 20 and s["errors"] == 0
+    assert s["ok"]["n"] + s["rejected"]["n"] == n == sum(s["status"].values())
+    assert abs(s["ok"]["n"] - s["rejected"]["n"]) <= 4  # the two bodies alternate
+    assert s["ok_rps"] == pytest.approx(s["ok"]["n"] / s["seconds"])
+    assert 0 < s["ok"]["p50_ms"] <= s["ok"]["p99_ms"] <= s["ok"]["max_ms"]
+    assert {json.dumps(b, sort_keys=True) for b in http_server.bodies} == \
+        {json.dumps(b, sort_keys=True) for b in bodies}
 
 
 def test_http_unreachable_server_fails_to_start():
