@@ -129,8 +129,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if rep.best_trial is None:
         print("no trial completed within the budget; run again with the same --output to continue")
         return 1
-    print(f"best config: {output}/best_config.yaml; its checkpoints: {rep.best_checkpoints} "
-          f"(infer.py --best -o runner.infer_load_path={rep.best_checkpoints}); "
+    print(f"best config: {rep.tuned_config} (train it: python -u trainer.py -m {rep.tuned_config}; "
+          f"a copy in {output}/best_config.yaml); the best trial's checkpoints: {rep.best_checkpoints} "
+          f"(infer.py -m {rep.tuned_config} --best -o runner.infer_load_path={rep.best_checkpoints}); "
           f"report: {output}/tune_report.md")
     return 0
 

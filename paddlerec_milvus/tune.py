@@ -67,6 +67,7 @@ class TuneReport:
     best_trial: int | None = None
     best_checkpoints: str | None = None
     baseline_value: float | None = None  # trial 0: the config's own settings
+    tuned_config: str | None = None  # beside the config: ``-m`` loads its model folder and data paths
     trials: list[TrialRecord] = field(default_factory=list)
 
 
@@ -100,23 +101,43 @@ def _set_nested(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+HEADER = "# Written by paddlerec-milvus tune"
+
+
+def tuned_config_path(config_path: str) -> str:
+    """``models/mind/config_bigdata.yaml`` -> ``models/mind/config_bigdata_tuned.yaml``: beside the
+    original, because trainer.py/infer.py load the model from the config's folder and resolve its
+    relative data paths there."""
+    stem, ext = os.path.splitext(config_path)
+    return f"{stem}_tuned{ext or '.yaml'}"
+
+
 def write_best_config(config_path: str, params: dict[str, Any], path: str) -> str:
-    """The user's YAML with the best settings in place (comments are not kept)."""
+    """The user's YAML with the best settings in place (comments are not kept). A file at
+    ``path`` that tune did not write is never overwritten (ConfigError)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if not f.readline().startswith(HEADER):
+                raise ConfigError(f"{path} exists and was not written by tune; move it away to let "
+                                  "tune write the best config there")
     with open(config_path, encoding="utf-8") as f:
         tree = yaml.safe_load(f) or {}
     for key, value in params.items():
         _set_nested(tree, key, value)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# Written by paddlerec-milvus tune from {config_path}: its settings with the best\n"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{HEADER} from {config_path}: its settings with the best\n"
                 "# trial's (chosen on the validation split).\n")
         yaml.safe_dump(tree, f, sort_keys=False)
+    os.replace(tmp, path)
     return path
 
 
 def tune(config: dict[str, Any], budget_s: float, output: str, max_trials: int | None = None,
-         overrides: list[str] | tuple[str, ...] = ()) -> TuneReport:
+         overrides: list[str] | tuple[str, ...] = (), tuned_config: str | None = "") -> TuneReport:
     """Run (or continue) the study within ``budget_s`` seconds; returns its report. ``overrides``
-    (the ``-o`` keys the trials ran with) go into ``best_config.yaml`` with the best settings."""
+    (the ``-o`` keys the trials ran with) go into ``best_config.yaml`` with the best settings, and
+    into ``tuned_config`` ("": ``tuned_config_path`` of the config; None: not written)."""
     import optuna
 
     from .runner import train
@@ -175,7 +196,7 @@ def tune(config: dict[str, Any], budget_s: float, output: str, max_trials: int |
                    catch=(FloatingPointError,), show_progress_bar=False)
     over_keys = [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
     fixed = {k: config.get(k) for k in over_keys if k not in ("config_abs_dir", "config_path")}
-    return _report(study, config, metric, budget_s, output, fixed)
+    return _report(study, config, metric, budget_s, output, fixed, tuned_config)
 
 
 def _best(study):
@@ -184,7 +205,7 @@ def _best(study):
 
 
 def _report(study, config: dict[str, Any], metric: str, budget_s: float, output: str,
-            fixed: dict[str, Any]) -> TuneReport:
+            fixed: dict[str, Any], tuned_config: str | None = None) -> TuneReport:
     rep = TuneReport(config=str(config.get("config_path")), metric=metric, budget_s=budget_s)
     for t in study.trials:
         value = t.value if t.value is not None else (max(t.intermediate_values.values())
@@ -198,8 +219,11 @@ def _report(study, config: dict[str, Any], metric: str, budget_s: float, output:
     if best is not None:
         rep.best_value, rep.best_params, rep.best_trial = best.value, dict(best.params), best.number
         rep.best_checkpoints = os.path.join(output, "trials", str(best.number))
-        write_best_config(str(config["config_path"]), {**fixed, **rep.best_params},
-                          os.path.join(output, "best_config.yaml"))
+        params = {**fixed, **rep.best_params}
+        write_best_config(str(config["config_path"]), params, os.path.join(output, "best_config.yaml"))
+        if tuned_config is not None:
+            path = tuned_config or tuned_config_path(str(config["config_path"]))
+            rep.tuned_config = write_best_config(str(config["config_path"]), params, path)
     with open(os.path.join(output, "tune_report.json"), "w", encoding="utf-8") as f:
         json.dump(asdict(rep), f, indent=2)
     with open(os.path.join(output, "tune_report.md"), "w", encoding="utf-8") as f:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 from conftest import MODELS
@@ -45,7 +46,10 @@ def test_tune_finds_settings_on_validation_resumes_and_never_reads_test(tmp_path
             "hyper_parameters.neg_samples=64", "runner.epochs=2", "runner.batches_per_epoch=20",
             "hyper_parameters.optimizer.learning_rate=0.0003"]
     out = str(tmp_path / "study")
-    rep = tune(load_config(CONFIG, over), 600, out, max_trials=3, overrides=over)
+    model_dir = tmp_path / "mind"  # the tuned config is written beside the config
+    shutil.copytree(os.path.dirname(CONFIG), model_dir, ignore=shutil.ignore_patterns("data", "output*"))
+    config = str(model_dir / "config.yaml")
+    rep = tune(load_config(config, over), 600, out, max_trials=3, overrides=over)
     assert [t.number for t in rep.trials] == [0, 1, 2]
     assert rep.trials[0].params["hyper_parameters.optimizer.learning_rate"] == 0.0003  # trial 0 = the config
     assert rep.best_value >= rep.baseline_value > 0
@@ -57,8 +61,12 @@ def test_tune_finds_settings_on_validation_resumes_and_never_reads_test(tmp_path
     with open(os.path.join(out, "tune_report.json")) as f:
         assert json.load(f)["best_trial"] == rep.best_trial
     assert "| 0 | complete |" in format_report(rep)
+    assert rep.tuned_config == str(model_dir / "config_tuned.yaml")
+    tuned = load_config(rep.tuned_config)
+    assert tuned["config_abs_dir"] == str(model_dir)  # -m finds the model folder and its data paths
+    assert {k: tuned[k] for k in rep.best_params} == rep.best_params
 
-    again = tune(load_config(CONFIG, over), 600, out, max_trials=1, overrides=over)
+    again = tune(load_config(config, over), 600, out, max_trials=1, overrides=over)
     assert [t.number for t in again.trials] == [0, 1, 2, 3]  # the study continued
     assert again.best_value >= rep.best_value
 
@@ -67,3 +75,19 @@ def test_tune_needs_a_validation_split(tmp_path):
     cfg = load_config(CONFIG, ["runner.valid_data_dir="])
     with pytest.raises(ConfigError, match="runner.valid_data_dir"):
         tune(cfg, 60, str(tmp_path / "s"))
+
+
+def test_the_tuned_config_never_overwrites_a_users_file(tmp_path):
+    from paddlerec_milvus.tune import tuned_config_path, write_best_config
+
+    src = tmp_path / "config.yaml"
+    src.write_text("hyper_parameters:\n  neg_samples: 64\n")
+    path = tuned_config_path(str(src))
+    assert path == str(tmp_path / "config_tuned.yaml")
+    write_best_config(str(src), {"hyper_parameters.neg_samples": 128}, path)
+    write_best_config(str(src), {"hyper_parameters.neg_samples": 256}, path)  # ours: replaced
+    assert load_config(path)["hyper_parameters.neg_samples"] == 256
+    (tmp_path / "mine.yaml").write_text("runner: {}\n")
+    with pytest.raises(ConfigError, match="not written by tune"):
+        write_best_config(str(src), {}, str(tmp_path / "mine.yaml"))
+    assert (tmp_path / "mine.yaml").read_text() == "runner: {}\n"
