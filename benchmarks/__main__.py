@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections of the last run (output/bench/last_results.json)")
+    p.add_argument("--update-docs", action="store_true",
+                   help="replace only these sections in the existing docs/benchmarks.md and .json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(BENCH_DIR, "last_results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.update_docs:
+        md = report.update_sections({k: results[k] for k in sections}, command.strip(), args.out)
+        print(f"updated sections {', '.join(sections)} of {md} and "
+              f"{os.path.join(args.out, 'benchmarks.json')}")
+        return 0
     if args.merge:
         command += " (other sections kept from the previous full run: python -m benchmarks)"
     md = report.write(results, machine(), command.strip(), args.out)

@@ -126,6 +126,51 @@ def table(rows: list[dict]) -> list[str]:
     return out
 
 
+SECTION_TITLES = {"search": "## 3. Vector search", "serving": "## 4. Serving",
+                  "load": "## 4b. Serving under load (external load generators)", "gpu": "## 5. GPU"}
+
+
+def section_lines(key: str, sec: dict, out_dir: str, with_notes: bool = False) -> list[str]:
+    lines = [SECTION_TITLES[key], ""] + sec.get("intro", []) + [""] + table(sec.get("rows", [])) + [""]
+    for t in sec.get("tables", []):  # more tables: {"title": ..., "rows": [...]}
+        lines += [t["title"], ""] + table(t["rows"]) + [""]
+    for p in sec.get("plots", []):
+        lines += [f"![{key}]({os.path.relpath(p, out_dir)})", ""]
+    if with_notes and sec.get("notes"):
+        lines += ["Notes of this section:", ""] + [f"- {n}" for n in sec["notes"]] + [""]
+    return lines
+
+
+def update_sections(results: dict, command: str, out_dir: str = "docs") -> str:
+    """Replace only these sections of an existing report (and their figures in the JSON), so one
+    section can be re-measured without re-running the others; the command is noted in each."""
+    md = os.path.join(out_dir, "benchmarks.md")
+    with open(md) as f:
+        lines = f.read().split("\n")
+    with open(os.path.join(out_dir, "benchmarks.json")) as f:
+        flat = json.load(f)
+    for key, sec in results.items():
+        if key not in SECTION_TITLES:
+            raise ValueError(f"--update-docs cannot place section {key!r} (only {', '.join(SECTION_TITLES)})")
+        new = section_lines(key, sec, out_dir, with_notes=True)
+        new[1:1] = ["", f"This section re-measured on its own: `{command}`."]
+        title = SECTION_TITLES[key]
+        if title in lines:
+            start = lines.index(title)
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            lines[start:end] = new
+        else:
+            at = lines.index("## Notes") if "## Notes" in lines else len(lines)
+            lines[at:at] = new
+        flat.update({k: (round(v, 6) if isinstance(v, float) else v)
+                     for k, v in sec.get("figures", {}).items()})
+    with open(md, "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out_dir, "benchmarks.json"), "w") as f:
+        json.dump(flat, f, indent=2, sort_keys=True)
+    return md
+
+
 def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> str:
     """Write the markdown report and the flat JSON; returns the markdown path."""
     os.makedirs(out_dir, exist_ok=True)
@@ -142,18 +187,12 @@ def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> 
         q = results["quality"]
         figures.update(q["figures"])
         lines += quality_section(q, out_dir)
-    for key, title in (("search", "## 3. Vector search"), ("serving", "## 4. Serving"),
-                       ("load", "## 4b. Serving under load (external load generators)"),
-                       ("gpu", "## 5. GPU")):
+    for key in SECTION_TITLES:
         if key not in results:
             continue
         sec = results[key]
         figures.update(sec.get("figures", {}))
-        lines += [title, ""] + sec.get("intro", []) + [""] + table(sec.get("rows", [])) + [""]
-        for t in sec.get("tables", []):  # more tables: {"title": ..., "rows": [...]}
-            lines += [t["title"], ""] + table(t["rows"]) + [""]
-        for p in sec.get("plots", []):
-            lines += [f"![{key}]({os.path.relpath(p, out_dir)})", ""]
+        lines += section_lines(key, sec, out_dir)
     notes = [n for sec in results.values() for n in sec.get("notes", [])]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

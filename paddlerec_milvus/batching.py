@@ -60,8 +60,9 @@ class MicroBatcher(Generic[J, R]):
         self._closed = False
         self._seen_concurrency = False  # the last batch held more than one request
         self._cost_per_user = 0.0  # EWMA of batch wall time / users, for the wait estimate
-        self.batches = self.jobs = self.refused = self.expired = self.inline = 0
+        self.batches = self.jobs = self.refused = self.expired = self.inline = self.queued_jobs = 0
         self.busy_s = self.cpu_s = 0.0  # wall and this thread's CPU time in run_batch
+        self.waited_s = 0.0  # queued requests' time from submit to their batch's start
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"batcher-{name}")
         self._thread.start()
 
@@ -141,6 +142,9 @@ class MicroBatcher(Generic[J, R]):
                     "mean_batch_jobs": round(self.jobs / self.batches, 2) if self.batches else None,
                     "refused": self.refused, "expired": self.expired, "inline": self.inline,
                     "busy_s": round(self.busy_s, 3), "cpu_s": round(self.cpu_s, 3),
+                    "mean_batch_ms": round(self.busy_s / self.batches * 1e3, 3) if self.batches else None,
+                    "mean_queue_ms": round(self.waited_s / self.queued_jobs * 1e3, 3)
+                    if self.queued_jobs else None,
                     "max_users": self.max_users, "max_queue_users": self.max_queue_users,
                     "window_ms": self.window_s * 1e3}
 
@@ -210,6 +214,10 @@ class MicroBatcher(Generic[J, R]):
                     self._running -= 1
                 continue
             self._seen_concurrency = len(live) > 1
+            started = time.monotonic()
+            with self._cond:
+                self.waited_s += sum(started - e.queued_at for e in live)
+                self.queued_jobs += len(live)
             t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 results = list(self._run_batch([e.job for e in live]))
