@@ -274,9 +274,12 @@ def check_answer(target: str, endpoint: str, body: dict[str, Any]) -> None:
 def deadline_supported(target: str, endpoint: str, body: dict[str, Any], deadline_ms: int) -> bool:
     """Does the target accept a request deadline (``timeout_ms``)? Older builds reject the field."""
     probe = dict(body, timeout_ms=deadline_ms)
+    time.sleep(1.0)  # the last closed-loop level's requests still in flight must not answer the probe
+    # only a refusal of the field says no: a 429/503 (err_no 54) is a server still busy
     if target == "rest":
-        return rest_call(endpoint, probe)[0] == 200
-    return rpc_call(endpoint, probe)["err_no"] == 0
+        status, ans = rest_call(endpoint, probe)
+        return not (status == 422 and "timeout_ms" in str(ans))
+    return rpc_call(endpoint, probe)["err_no"] != 51
 
 
 # -- loads -----------------------------------------------------------------------------------------
