@@ -110,3 +110,34 @@ def test_prepared_negatives_give_the_same_loss_as_in_graph_sampling(model):
     model.neg_samples = len(negs)
     in_graph, _ = model(hist, n, target)
     np.testing.assert_allclose(float(prepared), float(in_graph), rtol=1e-5)
+
+
+def test_dynamic_k_gives_a_user_log2_of_its_history_interests():
+    paddle.seed(0)
+    m = net.MindLayer(item_count=100, embedding_dim=16, hidden_size=16, neg_samples=32, maxlen=8,
+                      capsual_max_k=4, dynamic_k=True)
+    m.eval()
+    hist = t([[1, 0, 0, 0, 0, 0, 0, 0], [1, 2, 3, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    interests = m.interests(hist, t([1, 3, 8])).numpy()
+    # K'_u = max(1, min(4, floor(log2 n))): 1, 1, 3; the others are copies of the first
+    for row, k_user in enumerate([1, 1, 3]):
+        for k in range(4):
+            same = np.allclose(interests[row, k], interests[row, 0])
+            assert same == (k == 0 or k >= k_user), (row, k)
+    m.train()  # training: the copies take no attention, and the loss is finite
+    loss, _ = m(hist, t([1, 3, 8]), t([[9], [9], [9]]))
+    assert np.isfinite(float(loss))
+    assert m._active.numpy().sum(axis=1).tolist() == [1.0, 1.0, 3.0]
+
+
+def test_relu_layers_map_every_interest_and_can_score_negatively():
+    paddle.seed(0)
+    m = net.MindLayer(item_count=100, embedding_dim=16, hidden_size=16, neg_samples=32, maxlen=8,
+                      capsual_max_k=4, relu_layers=2)
+    assert len([x for x in m.relu if isinstance(x, paddle.nn.Linear)]) == 3  # H = 2, then linear
+    hist = t([[1, 2, 3, 4, 0, 0, 0, 0]])
+    m.train()
+    loss, interests = m(hist, t([4]), t([[9]]))
+    loss.backward()
+    assert interests.shape == [1, 4, 16] and (interests.numpy() < 0).any()
+    assert all(p.grad is not None for p in m.relu.parameters())

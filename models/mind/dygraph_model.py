@@ -22,4 +22,6 @@ class DygraphModel(multi_interest.DygraphModelBase):
             config.get("hyper_parameters.capsual.init_std", 1.0),
             config.get("hyper_parameters.capsual.softmax_axis", "behaviours"),
             config.get("hyper_parameters.capsual.normalize_update", True),
+            config.get("hyper_parameters.capsual.dynamic_k", False),
+            config.get("hyper_parameters.capsual.relu_layers", 0),
         )
