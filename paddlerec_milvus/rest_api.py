@@ -294,7 +294,6 @@ class RequestGuard:
         self.app, self.s = app, settings
         self.any_host = "*" in settings.allowed_hosts
         self.recalls_in_flight = 0  # one event loop: no lock needed
-        self.refused = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -314,10 +313,9 @@ class RequestGuard:
             # stays open (a client that reconnects after every refusal costs the server more).
             limit = self.s.limits.max_inflight
             if self.recalls_in_flight >= limit:
-                self.refused += 1
-                return await _send_body(send, 429, json.dumps({"detail": (
-                    f"overloaded: {limit} recall requests already in progress; retry shortly")}).encode(),
-                    {"Retry-After": "1"})
+                return await _send_json(send, 429, f"overloaded: {limit} recall requests already in "
+                                                   "progress; retry shortly", {"Retry-After": "1"},
+                                        close=False)
             self.recalls_in_flight += 1
             try:  # the hot path: answered here, without FastAPI's routing and per-request stack
                 return await recall_endpoint(scope["app"].state.api, scope, headers, data, send)
@@ -402,9 +400,10 @@ def _origin_authority(origin: str) -> str:
     return origin.split("://", 1)[-1].rstrip("/").lower()
 
 
-async def _send_json(send: Any, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
-    """A refusal before the app: the connection closes (the body may not have been read)."""
-    await _send_body(send, status, json.dumps({"detail": detail}).encode(), extra, close=True)
+async def _send_json(send: Any, status: int, detail: str, extra: dict[str, str] | None = None,
+                     close: bool = True) -> None:
+    """``{"detail": ...}``; by default the connection closes (a refusal before the body was read)."""
+    await _send_body(send, status, json.dumps({"detail": detail}).encode(), extra, close=close)
 
 
 async def _send_body(send: Any, status: int, body: bytes, extra: dict[str, str] | None = None,
@@ -453,11 +452,16 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     return JSONResponse(validation_body(exc.errors()), status_code=422)
 
 
-async def on_our_error(request: Request, exc: PaddleRecMilvusError) -> JSONResponse:
+def _error_reply(method: str, path: str, exc: PaddleRecMilvusError) -> tuple[int, dict[str, str] | None]:
+    """Status and headers of a typed error (5xx logged), for the FastAPI handler and recall_endpoint."""
     status = _status_of(exc)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
     if status >= 500:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        logger.warning("%s %s: %s", method, path, exc)
+    return status, ({"Retry-After": "1"} if status in (429, 503) else None)
+
+
+async def on_our_error(request: Request, exc: PaddleRecMilvusError) -> JSONResponse:
+    status, headers = _error_reply(request.method, request.url.path, exc)
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
@@ -506,9 +510,8 @@ async def recall_endpoint(state: _State, scope: dict, headers: dict[str, str], b
     few hundred requests a second per core, FastAPI's routing, dependency solving and response
     re-validation cost more than the batched tower and search."""
     if not _is_json(headers.get("content-type")):
-        return await _send_body(send, 415, json.dumps({"detail": (
-            f"/rec/recall needs a JSON body (Content-Type: application/json; got "
-            f"{headers['content-type']!r})")}).encode())
+        return await _send_json(send, 415, f"/rec/recall needs a JSON body (Content-Type: "
+                                           f"application/json; got {headers['content-type']!r})", close=False)
     if not body.strip():
         return await _send_body(send, 422, json.dumps({"detail": (
             "the request body is empty: send a JSON object with hist_item, e.g. "
@@ -522,15 +525,11 @@ async def recall_endpoint(state: _State, scope: dict, headers: dict[str, str], b
     try:
         answer = await _recall(state, req, scope.get("state", {}).get("arrival"))
     except PaddleRecMilvusError as exc:
-        status = _status_of(exc)
-        if status >= 500:
-            logger.warning("POST /rec/recall: %s", exc)
-        return await _send_body(send, status, json.dumps({"detail": str(exc)}).encode(),
-                                {"Retry-After": "1"} if status in (429, 503) else None)
+        status, extra = _error_reply("POST", "/rec/recall", exc)
+        return await _send_json(send, status, str(exc), extra, close=False)
     except Exception as exc:  # noqa: BLE001 - a bug answers 500 and the server keeps serving
         logger.exception("POST /rec/recall failed")
-        return await _send_body(send, 500, json.dumps({"detail": f"internal error: {type(exc).__name__}"}
-                                                      ).encode())
+        return await _send_json(send, 500, f"internal error: {type(exc).__name__}", close=False)
     await _send_body(send, 200, json.dumps(answer, separators=(",", ":")).encode())
 
 
