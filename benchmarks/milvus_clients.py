@@ -217,15 +217,13 @@ def compare(variants: dict[str, Sequence[ItemIndex]], threads: int, queries: Seq
 
 
 @contextlib.contextmanager
-def collection(uri: str, name: str, n: int, seed: int, server: bool) -> Iterator[ItemIndex]:
+def collection(uri: str, name: str, n: int, seed: int) -> Iterator[ItemIndex]:
     """A fresh FLAT/IP collection of ``n`` random vectors, upserted through ItemIndex, searchable
     (server: flushed and served from sealed segments)."""
     ix = ItemIndex(uri, name, DIM, index_type="FLAT", timeout=60.0)
     try:
         vecs = random_vectors(n, seed)
-        ix.upsert(np.arange(n), vecs, progress=False)
-        if server:
-            ix.prepare_bulk_search(10**9, n, timeout=90.0)  # flush; wait until sealed and served
+        ix.refill(np.arange(n), vecs, progress=False, build_timeout=90.0)  # server: sealed, loaded
         deadline = time.monotonic() + 60
         while ix.count() < n:
             if time.monotonic() > deadline:
@@ -247,7 +245,6 @@ def bench_engine(engine: str, uri: str, count: Callable[[], int], seconds: float
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """The grid (every variant, nq and T) per collection size; then, with ``confirm`` = (seconds,
     rounds), the confirmation cells: 1 client against the `own` pools at CONFIRM_THREADS."""
-    server = engine == "server"
     rows: list[dict[str, Any]] = []
     confirm_rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
@@ -257,7 +254,7 @@ def bench_engine(engine: str, uri: str, count: Callable[[], int], seconds: float
 
     for size in sizes:
         name = f"bench_clients_{size}"
-        with collection(uri, name, size, seed=size, server=server) as main:
+        with collection(uri, name, size, seed=size) as main:
             opened: list[ItemIndex] = []
             try:
                 variants: dict[str, list[ItemIndex]] = {"1 client": [main]}

@@ -159,7 +159,7 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 ItemIndex.from_config(config, dim, collection=base).drop()
             index = ItemIndex.from_config(config, dim, collection=physical,
                                           description=SERVING_DESCRIPTION)
-            written = index.upsert(raw_ids[1:], vectors)
+            written = index.refill(raw_ids[1:], vectors)  # server: sealed, indexed, loaded
             if server:
                 # count() is Strong: it returns once the server has applied every write, so searches
                 # of other clients (Session consistency) see the whole version when the alias moves

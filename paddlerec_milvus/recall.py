@@ -103,8 +103,9 @@ class ExactIndex:
 
     reset = drop
 
-    def prepare_bulk_search(self, queries: int, rows: int) -> None:
-        pass
+    def refill(self, ids: Sequence[int], vectors: np.ndarray, **_: object) -> int:
+        self.drop()
+        return self.upsert(ids, vectors)
 
     def close(self) -> None:
         pass

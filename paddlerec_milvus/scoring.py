@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .metrics import hitrate_at_n, ndcg_at_n, paddlerec_ndcg_at_n, recall_at_n
 from .model_dir import create_reader, data_files
 from .recall import ExactIndex, recall_top_k
-from .towers import indexed_items, interest_shape, user_interests, user_tower
+from .towers import indexed_items, user_interests, user_tower
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ def score_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: in
     t0 = time.perf_counter()
     ids, vecs = indexed_items(dm, model)
     tower = user_tower(dm, model)
-    max_k, _ = interest_shape(tower, int(config.get("hyper_parameters.maxlen", 20)))
     # Every vector changes between checkpoints: a fresh collection is faster to fill and to
     # search than one whose rows were all replaced, and holds nothing but this checkpoint's items.
-    index.reset()
-    index.upsert(ids, vecs)
-    index.prepare_bulk_search(len(reader) * max_k, len(ids))
+    index.refill(ids, vecs)
     t1 = time.perf_counter()
     k = max(top_n, 20)
     truths: list[list[int]] = []

@@ -147,6 +147,32 @@ def test_reset_and_clear(milvus_uri, data):
     idx.drop()
 
 
+@pytest.mark.parametrize("index_type, params", [("FLAT", {}), ("IVF_FLAT", {"nlist": 16})])
+def test_refill_replaces_every_row_and_serves_them_from_the_index(milvus_uri, data, index_type,
+                                                                  params):
+    ids, vecs, rng = data
+    idx = _index(milvus_uri, f"refill_{index_type.lower()}", index_type=index_type,
+                 index_params=params, search_params={"nprobe": 16} if params else {},
+                 scalar_fields=["category"])
+    idx.upsert(ids + 5000, vecs, fields={"category": ids % 4}, progress=False)  # to be removed
+    assert idx.refill(ids, vecs * 3, fields={"category": ids % 4}, progress=False) == len(ids)
+    assert idx.count() == len(ids)
+    got_ids, got_scores = idx.search_vectors(vecs[:8], 3, filter="category >= 0")
+    np.testing.assert_array_equal(got_ids[:, 0], np.argmax(vecs[:8] @ vecs.T, axis=1) + 1)
+    np.testing.assert_allclose(got_scores[:, 0], (vecs[:8] * 3 * vecs[got_ids[:, 0] - 1]).sum(1),
+                               rtol=1e-4)
+    if not milvus_uri.startswith("http"):
+        return
+    # the server's bulk path: every row sits in a sealed segment, indexed, when refill returns
+    segments = idx._client._get_connection().get_query_segment_info(idx.collection)
+    assert sum(s.num_rows for s in segments) == len(ids)
+    assert all(s.state == 3 for s in segments), [s.state for s in segments]  # Sealed
+    client = idx._client
+    (info,) = [client.describe_index(idx.collection, n) for n in client.list_indexes(idx.collection)]
+    assert info["index_type"] == index_type and int(info["indexed_rows"]) == len(ids)
+    idx.drop()
+
+
 def test_a_failed_batch_fails_the_upsert(tmp_path, data, monkeypatch):
     ids, vecs, _ = data
     idx = _index(str(tmp_path / "fail.db"), "failing", upsert_workers=2)
