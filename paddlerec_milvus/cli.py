@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from .errors import PaddleRecMilvusError
+from .errors import ConfigError, PaddleRecMilvusError
 
 logger = logging.getLogger("paddlerec_milvus")
 # Import-time noise of dependencies, not actionable for a user of this CLI.
@@ -69,12 +69,22 @@ def _load(args: argparse.Namespace):
     return config
 
 
+def _split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three fractions, e.g. 0.8,0.1,0.1")
+    return parts  # prepare_data checks they are non-negative and sum to 1
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     from .data_prep import prepare_data
 
     stats = prepare_data(
         args.input, args.output, seed=args.seed, min_user_clicks=args.min_user_clicks,
-        min_item_clicks=args.min_item_clicks, sep=args.sep,
+        min_item_clicks=args.min_item_clicks, split=args.split, sep=args.sep,
         skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite,
     )
     print(f"wrote {args.output}: {stats.users} users "
@@ -109,6 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     config = _load(args)
+    if args.ann_builds:
+        if args.exact:
+            raise ConfigError("--ann-builds compares the Milvus index with exact search itself; "
+                              "drop --exact")
+        from .ann_eval import evaluate_ann
+
+        print(evaluate_ann(config, builds=args.ann_builds, top_n=args.top_n, best=args.best).format())
+        return 0
     from .evaluate import evaluate_epochs
 
     results = evaluate_epochs(config, top_n=args.top_n, paddlerec_metrics=args.paddlerec_metrics,
@@ -171,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2021)
     p.add_argument("--min-user-clicks", type=int, default=5)
     p.add_argument("--min-item-clicks", type=int, default=5)
+    p.add_argument("--split", type=_split, default=(0.8, 0.1, 0.1), metavar="TRAIN,VALID,TEST",
+                   help="fractions of users for train, validation and test (default 0.8,0.1,0.1)")
     p.add_argument("--sep", default=",")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (counted) instead of stopping")
@@ -227,6 +247,10 @@ def _add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--best", action="store_true",
                    help="evaluate the best epoch by validation (best.json) instead of "
                    "runner.infer_start_epoch..infer_end_epoch")
+    p.add_argument("--ann-builds", type=int, default=0, metavar="N",
+                   help="score one epoch (--best, else runner.infer_start_epoch) through the "
+                   "profile's Milvus index N times, each a fresh build, beside exact search and "
+                   "FLAT on the same interests: end-to-end recall loss and search cost per user")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

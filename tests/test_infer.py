@@ -87,3 +87,47 @@ def test_evaluation_refuses_an_alias(exported_demo_server):
     with pytest.raises(ConfigError, match=f"'{alias}' is an alias of '{alias}_v"):
         evaluate_epochs(cfg, top_n=50)
     assert _count(uri, alias) == before > 0
+
+
+def _ann_run(trained_demo, milvus: list[str], builds: int = 2) -> tuple[subprocess.CompletedProcess, list]:
+    cmd = [sys.executable, "-u", os.path.join(MODELS, "infer.py"), "-m", trained_demo["config_path"],
+           "-top_n", "50", "--ann-builds", str(builds), "-o", *trained_demo["overrides"], *milvus]
+    return subprocess.run(cmd, cwd=MODELS, capture_output=True, text=True, timeout=600), cmd
+
+
+@pytest.mark.server
+def test_ann_evaluation_scores_the_index_against_exact_on_the_same_interests(trained_demo,
+                                                                             milvus_server):
+    ivf = ["milvus.index_type=IVF_FLAT", "milvus.index_params.nlist=64",
+           "milvus.search_params.nprobe=2", f"milvus.uri={milvus_server.uri}", "milvus.collection=ann"]
+    proc, cmd = _ann_run(trained_demo, ivf)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IVF_FLAT build 2" in proc.stdout and "mean Recall@50 loss" in proc.stdout
+    cfg = load_config(trained_demo["config_path"], trained_demo["overrides"] + ivf)
+    saved = json.load(open(os.path.join(cfg["runner.infer_load_path"], "1", "ann_top50_ivf_flat.json")))
+    exact = evaluate_epochs(cfg, top_n=50, exact=True)[0]
+    assert saved["users"] == exact.users == 250 and saved["epoch"] == 1
+    assert saved["exact"]["metrics"] == pytest.approx(exact.metrics, abs=1e-9)
+    # FLAT on the same Milvus is exact: same metrics, every interest's exact top-50
+    assert saved["flat"]["metrics"] == pytest.approx(exact.metrics, abs=1e-9)
+    assert saved["flat"]["interest_overlap"] == pytest.approx(1.0)
+    # 2 of 64 lists is approximate: interests lose neighbours, and the loss is what it says
+    builds = saved["builds"]
+    assert len(builds) == 2 and all(b["interest_overlap"] < 0.95 for b in builds)
+    losses = [1 - b["metrics"]["Recall@50"] / exact.metrics["Recall@50"] for b in builds]
+    assert saved["summary"]["ann_recall50_rel_loss"] == pytest.approx(sum(losses) / 2)
+    assert saved["summary"]["ann_speedup_vs_flat"] > 0 and all(b["build_s"] > 0 for b in builds)
+    bad = subprocess.run(cmd + ["--exact"], cwd=MODELS, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "drop --exact" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ann_evaluation_of_an_exact_profile_loses_nothing(trained_demo, tmp_path):
+    proc, _ = _ann_run(trained_demo, [f"milvus.uri={tmp_path}/ann.db", "milvus.collection=ann"], 1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = load_config(trained_demo["config_path"], trained_demo["overrides"])
+    saved = json.load(open(os.path.join(cfg["runner.infer_load_path"], "1", "ann_top50_flat.json")))
+    assert saved["flat"] is None  # the profile's index is FLAT already: no second FLAT pass
+    (build,) = saved["builds"]
+    assert build["metrics"] == pytest.approx(saved["exact"]["metrics"], abs=1e-9)
+    assert build["interest_overlap"] == pytest.approx(1.0)
+    assert saved["summary"]["ann_recall50_rel_loss"] == pytest.approx(0.0, abs=1e-12)
