@@ -141,3 +141,25 @@ def test_relu_layers_map_every_interest_and_can_score_negatively():
     loss.backward()
     assert interests.shape == [1, 4, 16] and (interests.numpy() < 0).any()
     assert all(p.grad is not None for p in m.relu.parameters())
+
+
+def test_item_norm_penalty_adds_lambda_mean_squared_norm_and_shrinks_norms(model):
+    model.train()
+    hist, n, target = t([[1, 2, 3, 0, 0, 0, 0, 0]] * 3), t([3] * 3), t([[4], [9], [50]])
+    negs = np.array([9, 2, 77, 5, 31], dtype=np.int64)
+    bias = paddle.to_tensor(model.sampler.logit_bias_numpy(target.numpy(), negs))
+    plain, _ = model(hist, n, target, t(negs), bias)
+    model.item_norm_penalty = 0.5
+    penalised, _ = model(hist, n, target, t(negs), bias)
+    rows = model.item_emb.weight.numpy()[[4, 9, 50, *negs]]
+    np.testing.assert_allclose(float(penalised) - float(plain), 0.5 * (rows ** 2).sum(1).mean(),
+                               rtol=1e-5)
+    # a step on the penalty alone shrinks exactly the rows the batch used
+    before = model.item_emb.weight.numpy().copy()
+    opt = paddle.optimizer.SGD(learning_rate=0.1, parameters=model.parameters())
+    (penalised - plain).backward()
+    opt.step()
+    after = model.item_emb.weight.numpy()
+    used = sorted({4, 9, 50, *negs.tolist()})
+    assert (np.linalg.norm(after[used], axis=1) < np.linalg.norm(before[used], axis=1)).all()
+    np.testing.assert_array_equal(np.delete(after, used, axis=0), np.delete(before, used, axis=0))

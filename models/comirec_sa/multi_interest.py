@@ -92,6 +92,16 @@ class MultiInterestLayer(nn.Layer):
             weight_attr=paddle.ParamAttr(initializer=nn.initializer.XavierUniform()),
         )
         self.sampler = LogUniformSampler(item_count - 1)
+        # hyper_parameters.item_norm_penalty (set by DygraphModelBase.train_forward): lambda of
+        # lambda * mean |e|^2 over the targets' and negatives' rows, a lazy L2 that touches only
+        # the rows a batch used and keeps item norms (which IVF/HNSW dislike when they vary) small.
+        self.item_norm_penalty = 0.0
+
+    def _norm_penalty(self, *rows):
+        if not self.item_norm_penalty:
+            return 0.0
+        sq = paddle.concat([paddle.sum(r * r, axis=-1) for r in rows])
+        return self.item_norm_penalty * paddle.mean(sq)
 
     def extract(self, hist_emb, seq_len):
         raise NotImplementedError
@@ -117,7 +127,8 @@ class MultiInterestLayer(nn.Layer):
         hit = (negs.unsqueeze(0) == target.unsqueeze(-1)).astype(neg_logit.dtype)
         neg_logit = neg_logit - hit * 1e9
         logits = paddle.concat([pos_logit, neg_logit], axis=-1)
-        return paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0])
+        return (paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0])
+                + self._norm_penalty(pos_w, neg_w))
 
     def forward(self, hist_item, seq_len, target_item=None, neg_items=None, logit_bias=None):
         """Training (target given): mean loss and interests; otherwise interests and weights.
@@ -144,7 +155,8 @@ class MultiInterestLayer(nn.Layer):
         neg_logit = paddle.matmul(user_vec, neg_emb, transpose_y=True)
         logits = paddle.concat([pos_logit, neg_logit], axis=-1) + logit_bias
         label = paddle.zeros([b, 1], dtype="int64")
-        return paddle.mean(nn.functional.cross_entropy(logits, label, reduction="none")), interests
+        loss = paddle.mean(nn.functional.cross_entropy(logits, label, reduction="none"))
+        return loss + self._norm_penalty(target_emb, neg_emb), interests
 
 
 class UserTower(nn.Layer):
@@ -226,6 +238,8 @@ class DygraphModelBase:
         return [], []
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
+        layer = getattr(dy_model, "_layers", dy_model)  # inside paddle.DataParallel
+        layer.item_norm_penalty = float(config.get("hyper_parameters.item_norm_penalty", 0.0) or 0.0)
         hist_item, target_item, seq_len, *negatives = self.create_feeds_train(batch_data)
         loss, _ = dy_model(hist_item, seq_len, target_item, *negatives)
         loss = self.create_loss(loss)
