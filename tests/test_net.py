@@ -163,3 +163,32 @@ def test_item_norm_penalty_adds_lambda_mean_squared_norm_and_shrinks_norms(model
     used = sorted({4, 9, 50, *negs.tolist()})
     assert (np.linalg.norm(after[used], axis=1) < np.linalg.norm(before[used], axis=1)).all()
     np.testing.assert_array_equal(np.delete(after, used, axis=0), np.delete(before, used, axis=0))
+
+
+def test_cosine_temperature_scores_cosines_and_both_towers_give_unit_vectors():
+    import dygraph_model
+
+    config = {"hyper_parameters.item_count": 100, "hyper_parameters.embedding_dim": 16,
+              "hyper_parameters.neg_samples": 8, "hyper_parameters.maxlen": 8,
+              "hyper_parameters.cosine_temperature": 0.1}
+    dm = dygraph_model.DygraphModel()
+    paddle.seed(0)
+    model = dm.create_model(config)
+    assert model.cosine_temperature == 0.1
+    table = dm.item_vectors(model)
+    np.testing.assert_allclose(np.linalg.norm(table[1:], axis=1), 1.0, rtol=1e-5)
+    assert np.abs(table[0]).max() == 0  # padding stays zero
+    hist, n = t([[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 6, 7, 8, 9, 10, 11]]), t([3, 8])
+    interests = dm.user_tower(model)(hist, n).numpy()
+    np.testing.assert_allclose(np.linalg.norm(interests, axis=-1), 1.0, rtol=1e-5)
+    # the training logits are cos / tau: with one negative the loss is softplus((cos_n - cos_p) / tau)
+    model.train()
+    target, negs = t([[4], [9]]), np.array([50], dtype=np.int64)
+    zero_bias = paddle.zeros([2, 2], dtype="float32")
+    loss, _ = model(hist, n, target, t(negs), zero_bias)
+    served = model.readout(paddle.to_tensor(interests), paddle.to_tensor(table[[4, 9]])).numpy()
+    served /= np.linalg.norm(served, axis=1, keepdims=True)
+    cos_p, cos_n = (served * table[[4, 9]]).sum(1), served @ table[50]
+    np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp((cos_n - cos_p) / 0.1))), rtol=1e-4)
+    with pytest.raises(ValueError, match="cosine_temperature must be >= 0"):
+        dm.create_model({**config, "hyper_parameters.cosine_temperature": -1})

@@ -10,7 +10,7 @@ class DygraphModel(multi_interest.DygraphModelBase):
 
     def create_model(self, config):
         item_count, embedding_dim = multi_interest.check_sizes(config)
-        return net.ComiRecDRLayer(
+        return self.configure(net.ComiRecDRLayer(
             item_count,
             embedding_dim,
             config.get("hyper_parameters.neg_samples", 1280),
@@ -20,4 +20,4 @@ class DygraphModel(multi_interest.DygraphModelBase):
             config.get("hyper_parameters.capsual.init_std", 1.0),
             config.get("hyper_parameters.capsual.bilinear", "per_interest"),
             config.get("hyper_parameters.readout", "hard"),
-        )
+        ), config)

@@ -10,7 +10,7 @@ class DygraphModel(multi_interest.DygraphModelBase):
 
     def create_model(self, config):
         item_count, embedding_dim = multi_interest.check_sizes(config)
-        return net.ComiRecSALayer(
+        return self.configure(net.ComiRecSALayer(
             item_count,
             embedding_dim,
             config.get("hyper_parameters.neg_samples", 1280),
@@ -19,4 +19,4 @@ class DygraphModel(multi_interest.DygraphModelBase):
             config.get("hyper_parameters.self_attention.hidden_size", 4 * embedding_dim),
             config.get("hyper_parameters.self_attention.add_positions", True),
             config.get("hyper_parameters.readout", "hard"),
-        )
+        ), config)

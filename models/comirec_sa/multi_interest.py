@@ -92,10 +92,14 @@ class MultiInterestLayer(nn.Layer):
             weight_attr=paddle.ParamAttr(initializer=nn.initializer.XavierUniform()),
         )
         self.sampler = LogUniformSampler(item_count - 1)
-        # hyper_parameters.item_norm_penalty (set by DygraphModelBase.train_forward): lambda of
-        # lambda * mean |e|^2 over the targets' and negatives' rows, a lazy L2 that touches only
-        # the rows a batch used and keeps item norms (which IVF/HNSW dislike when they vary) small.
+        # Options every model shares, set by DygraphModelBase.configure from the config:
+        # item_norm_penalty: lambda of lambda * mean |e|^2 over the targets' and negatives' rows, a
+        # lazy L2 that touches only the rows a batch used and keeps item norms small;
+        # cosine_temperature: tau > 0 scores cos(user, item) / tau in training, and both towers
+        # give unit vectors, so Milvus's inner product is the cosine (IVF/HNSW index unit vectors
+        # better than norms spread over 0.5-16). 0 = the plain inner product.
         self.item_norm_penalty = 0.0
+        self.cosine_temperature = 0.0
 
     def _norm_penalty(self, *rows):
         if not self.item_norm_penalty:
@@ -106,13 +110,26 @@ class MultiInterestLayer(nn.Layer):
     def extract(self, hist_emb, seq_len):
         raise NotImplementedError
 
+    def _unit(self, x):
+        return x / paddle.sqrt(paddle.sum(x * x, axis=-1, keepdim=True) + 1e-12)
+
+    def _served(self, interests):
+        """Interests as the user tower gives them: unit vectors under cosine scoring."""
+        return self._unit(interests) if self.cosine_temperature else interests
+
+    def _scored(self, user_vec, *item_rows):
+        """(user_vec, item rows) for the training logits: cos / tau under cosine scoring."""
+        if not self.cosine_temperature:
+            return (user_vec, *item_rows)
+        return (self._unit(user_vec) / self.cosine_temperature, *[self._unit(r) for r in item_rows])
+
     def readout(self, interests, target_emb):
         raise NotImplementedError
 
     def interests(self, hist_item, seq_len):
         """The user tower: [B, L] ids and lengths -> [B, K, D] interest vectors."""
         interests, _ = self.extract(self.item_emb(hist_item), seq_len)
-        return interests
+        return self._served(interests)
 
     def sampled_softmax_loss(self, user_vec, target):
         """Sampled softmax over shared negatives, accidental hits removed, log-Q corrected."""
@@ -120,6 +137,8 @@ class MultiInterestLayer(nn.Layer):
         negs = self.sampler.sample(self.neg_samples)
         pos_w = self.item_emb(target)  # [B, D]
         neg_w = self.item_emb(negs)  # [S, D]
+        penalty = self._norm_penalty(pos_w, neg_w)
+        user_vec, pos_w, neg_w = self._scored(user_vec, pos_w, neg_w)
         pos_logit = paddle.sum(user_vec * pos_w, axis=-1, keepdim=True)
         pos_logit = pos_logit - self.sampler.log_q(target, self.neg_samples).unsqueeze(-1)
         neg_logit = paddle.matmul(user_vec, neg_w, transpose_y=True)
@@ -127,8 +146,7 @@ class MultiInterestLayer(nn.Layer):
         hit = (negs.unsqueeze(0) == target.unsqueeze(-1)).astype(neg_logit.dtype)
         neg_logit = neg_logit - hit * 1e9
         logits = paddle.concat([pos_logit, neg_logit], axis=-1)
-        return (paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0])
-                + self._norm_penalty(pos_w, neg_w))
+        return paddle.mean(paddle.logsumexp(logits, axis=-1) - logits[:, 0]) + penalty
 
     def forward(self, hist_item, seq_len, target_item=None, neg_items=None, logit_bias=None):
         """Training (target given): mean loss and interests; otherwise interests and weights.
@@ -137,11 +155,12 @@ class MultiInterestLayer(nn.Layer):
         optional: without them (PaddleRec's DataLoader) negatives are sampled inside the graph.
         """
         if target_item is None:
-            return self.extract(self.item_emb(hist_item), seq_len)
+            interests, weights = self.extract(self.item_emb(hist_item), seq_len)
+            return self._served(interests), weights
         if neg_items is None:
             interests, _ = self.extract(self.item_emb(hist_item), seq_len)
             target_emb = self.item_emb(paddle.reshape(target_item, [-1]))
-            user_vec = self.readout(interests, target_emb)
+            user_vec = self.readout(self._served(interests), self._served(target_emb))
             return self.sampled_softmax_loss(user_vec, target_item), interests
         # One lookup for history, targets and negatives: one sparse gradient to merge.
         b, length = hist_item.shape
@@ -150,13 +169,15 @@ class MultiInterestLayer(nn.Layer):
         hist_emb, target_emb, neg_emb = paddle.split(
             self.item_emb(ids), [b * length, b, neg_items.shape[0]])
         interests, _ = self.extract(paddle.reshape(hist_emb, [b, length, -1]), seq_len)
-        user_vec = self.readout(interests, target_emb)
+        user_vec = self.readout(self._served(interests), self._served(target_emb))
+        penalty = self._norm_penalty(target_emb, neg_emb)
+        user_vec, target_emb, neg_emb = self._scored(user_vec, target_emb, neg_emb)
         pos_logit = paddle.sum(user_vec * target_emb, axis=-1, keepdim=True)
         neg_logit = paddle.matmul(user_vec, neg_emb, transpose_y=True)
         logits = paddle.concat([pos_logit, neg_logit], axis=-1) + logit_bias
         label = paddle.zeros([b, 1], dtype="int64")
         loss = paddle.mean(nn.functional.cross_entropy(logits, label, reduction="none"))
-        return loss + self._norm_penalty(target_emb, neg_emb), interests
+        return loss + penalty, interests
 
 
 class UserTower(nn.Layer):
@@ -198,6 +219,15 @@ class DygraphModelBase:
     def create_model(self, config):
         raise NotImplementedError
 
+    def configure(self, model, config):
+        """The options every model shares, set on a model's freshly built network."""
+        model.item_norm_penalty = float(config.get("hyper_parameters.item_norm_penalty", 0.0) or 0.0)
+        tau = float(config.get("hyper_parameters.cosine_temperature", 0.0) or 0.0)
+        if tau < 0:
+            raise ValueError(f"hyper_parameters.cosine_temperature must be >= 0 (0 = off), got {tau}")
+        model.cosine_temperature = tau
+        return model
+
     def create_feeds_train(self, batch_data):
         """[hist, target, seq_len] (+ [neg_items, logit_bias] from our reader's fast path)."""
         feeds = [paddle.to_tensor(np.asarray(x), dtype="int64") for x in batch_data[:3]]
@@ -227,7 +257,10 @@ class DygraphModelBase:
     # (docs/design.md, "Model hooks").
     def item_vectors(self, dy_model):
         """The item tower: float32 [item_count, D], row i for dense item id i (row 0 = padding)."""
-        return dy_model.item_emb.weight.numpy()
+        table = dy_model.item_emb.weight.numpy()
+        if getattr(dy_model, "cosine_temperature", 0.0):  # unit rows; the padding row stays 0
+            table = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+        return table
 
     def user_tower(self, dy_model):
         """The user tower: a Layer mapping (hist_item [B, L], seq_len [B]) int64 to [B, K, D]
@@ -238,8 +271,6 @@ class DygraphModelBase:
         return [], []
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
-        layer = getattr(dy_model, "_layers", dy_model)  # inside paddle.DataParallel
-        layer.item_norm_penalty = float(config.get("hyper_parameters.item_norm_penalty", 0.0) or 0.0)
         hist_item, target_item, seq_len, *negatives = self.create_feeds_train(batch_data)
         loss, _ = dy_model(hist_item, seq_len, target_item, *negatives)
         loss = self.create_loss(loss)

@@ -10,7 +10,7 @@ class DygraphModel(multi_interest.DygraphModelBase):
 
     def create_model(self, config):
         item_count, embedding_dim = multi_interest.check_sizes(config)
-        return net.MindLayer(
+        return self.configure(net.MindLayer(
             item_count,
             embedding_dim,
             embedding_dim,  # hidden_size: equal to embedding_dim (check_sizes)
@@ -24,4 +24,4 @@ class DygraphModel(multi_interest.DygraphModelBase):
             config.get("hyper_parameters.capsual.normalize_update", True),
             config.get("hyper_parameters.capsual.dynamic_k", False),
             config.get("hyper_parameters.capsual.relu_layers", 0),
-        )
+        ), config)
