@@ -83,7 +83,8 @@ def write_csv(path: str, user: np.ndarray, item: np.ndarray, ts: np.ndarray,
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("user,item,timestamp\n")
         for s in tqdm(range(0, len(user), chunk), desc="write", unit=" chunk", disable=None):
-            rows = np.stack([user[s:s + chunk], item[s:s + chunk], ts[s:s + chunk]], axis=1)
+            # raw item ids 1..n: serving reserves 0 for padding
+            rows = np.stack([user[s:s + chunk], item[s:s + chunk] + 1, ts[s:s + chunk]], axis=1)
             f.write(("%d,%d,%d\n" * len(rows)) % tuple(rows.ravel().tolist()))
     os.replace(tmp, path)
 
