@@ -37,7 +37,7 @@ class ClickLogStats:
     seconds: float
 
 
-def simulate(items: int = 1_000_000, users: int = 250_000, topics: int = 2_000,
+def simulate(items: int = 1_000_000, users: int = 250_000, topics: int = 20_000,
              mean_clicks: float = 40.0, noise: float = 0.05, seed: int = 0
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user, item, timestamp) arrays, sorted by user then time."""
@@ -89,7 +89,7 @@ def write_csv(path: str, user: np.ndarray, item: np.ndarray, ts: np.ndarray,
     os.replace(tmp, path)
 
 
-def generate(path: str, items: int = 1_000_000, users: int = 250_000, topics: int = 2_000,
+def generate(path: str, items: int = 1_000_000, users: int = 250_000, topics: int = 20_000,
              mean_clicks: float = 40.0, seed: int = 0) -> ClickLogStats:
     t0 = time.perf_counter()
     user, item, ts = simulate(items, users, topics, mean_clicks, seed=seed)
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--users", type=int, default=250_000)
-    p.add_argument("--topics", type=int, default=2_000)
+    p.add_argument("--topics", type=int, default=20_000)
     p.add_argument("--mean-clicks", type=float, default=40.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
