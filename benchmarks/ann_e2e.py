@@ -23,6 +23,7 @@ from typing import Any
 
 from benchmarks.common import BENCH_DIR, MODELS, machine, python, run_measured
 from benchmarks.quality import CONFIG, _overrides, prepared, tuned_recipe
+from benchmarks.report import merge_section
 from paddlerec_milvus.checkpoint import best_epoch
 from paddlerec_milvus.milvus_server import MilvusServer
 
@@ -37,9 +38,14 @@ SETTINGS: dict[str, tuple[str, dict[str, int], dict[str, int]]] = {
     "hnsw_m8_ef50": ("HNSW", {"M": 8, "efConstruction": 200}, {"ef": 50}),
     "ivf_flat_1024_16": ("IVF_FLAT", {"nlist": 1024}, {"nprobe": 16}),
     "ivf_flat_1024_64": ("IVF_FLAT", {"nlist": 1024}, {"nprobe": 64}),
+    "ivf_flat_2048_64": ("IVF_FLAT", {"nlist": 2048}, {"nprobe": 64}),
     "ivf_sq8_1024_32": ("IVF_SQ8", {"nlist": 1024}, {"nprobe": 32}),
     "scann_1024_32": ("SCANN", {"nlist": 1024}, {"nprobe": 32, "reorder_k": 200}),
 }
+
+PROFILE_SETTING = "ivf_flat_1024_64"  # what configs/milvus_standalone.yaml sets
+DEFAULT_SETTINGS = ["hnsw_m16_ef64", "hnsw_m16_ef128", "ivf_flat_1024_16", "ivf_flat_1024_64",
+                    "ivf_flat_2048_64", "ivf_sq8_1024_32"]
 
 
 def _checkpoint(run: str, extra: list[str]) -> tuple[list[str], int]:
@@ -120,13 +126,25 @@ def write_docs(res: dict[str, Any], out_dir: str) -> None:
     lines.append("")
     with open(os.path.join(out_dir, "ann_end_to_end.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
+    figures = {}
+    for r in ok:
+        s = r["summary"]
+        figures[f"ann_recall50_rel_loss_{r['setting']}"] = s["ann_recall50_rel_loss"]
+        figures[f"ann_speedup_vs_flat_{r['setting']}"] = s.get("ann_speedup_vs_flat")
+    if f"ann_recall50_rel_loss_{PROFILE_SETTING}" in figures:  # configs/milvus_standalone.yaml's index
+        figures["ann_recall50_rel_loss"] = figures[f"ann_recall50_rel_loss_{PROFILE_SETTING}"]
+        figures["ann_speedup_vs_flat"] = figures[f"ann_speedup_vs_flat_{PROFILE_SETTING}"]
+    merge_section("## 3b. Approximate indexes end to end", [
+        f"`python -m benchmarks.ann_e2e --run {res['run']}`; the full table is "
+        "[ann_end_to_end.md](ann_end_to_end.md), the million-item run [catalogue_1m.md](catalogue_1m.md).",
+        "", *lines[4:]], figures, out_dir)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=f"{DATASET}_tuned", help="run folder under output/bench/runs")
-    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--builds", type=int, default=3)
     p.add_argument("-o", "--opt", nargs="*", default=[], help="extra training keys for a new run")
     p.add_argument("--out", default=os.path.join(REPO, "docs"))

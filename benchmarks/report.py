@@ -130,8 +130,14 @@ SECTION_TITLES = {"search": "## 3. Vector search", "serving": "## 4. Serving",
                   "load": "## 4b. Serving under load (external load generators)", "gpu": "## 5. GPU"}
 
 
+SEARCH_CAVEAT = ("Latency, build time and memory of the engines. The `recall` column is neighbour overlap "
+                 "with exact search on synthetic queries, which does not measure quality: what an index"
+                 " costs in Recall@50 end to end is in sections 3b and 3c.")
+
+
 def section_lines(key: str, sec: dict, out_dir: str, with_notes: bool = False) -> list[str]:
-    lines = [SECTION_TITLES[key], ""] + sec.get("intro", []) + [""] + table(sec.get("rows", [])) + [""]
+    intro = sec.get("intro", []) or ([SEARCH_CAVEAT] if key == "search" else [])
+    lines = [SECTION_TITLES[key], ""] + intro + [""] + table(sec.get("rows", [])) + [""]
     for t in sec.get("tables", []):  # more tables: {"title": ..., "rows": [...]}
         lines += [t["title"], ""] + table(t["rows"]) + [""]
     for p in sec.get("plots", []):
@@ -204,3 +210,27 @@ def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> 
     with open(os.path.join(out_dir, "benchmarks.json"), "w") as f:
         json.dump(flat, f, indent=2, sort_keys=True)
     return md
+
+
+def merge_section(title: str, body: list[str], figures: dict, out_dir: str = "docs") -> None:
+    """Put one stand-alone benchmark's section (``title``, a ``## `` line) into docs/benchmarks.md,
+    replacing an older copy, and its figures into docs/benchmarks.json; the rest stays."""
+    md = os.path.join(out_dir, "benchmarks.md")
+    with open(md) as f:
+        lines = f.read().split("\n")
+    new = [title, "", *body, ""]
+    if title in lines:
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = new
+    else:
+        at = lines.index("## Notes") if "## Notes" in lines else len(lines)
+        lines[at:at] = new
+    with open(md, "w") as f:
+        f.write("\n".join(lines))
+    path = os.path.join(out_dir, "benchmarks.json")
+    with open(path) as f:
+        flat = json.load(f)
+    flat.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()})
+    with open(path, "w") as f:
+        json.dump(flat, f, indent=2, sort_keys=True)

@@ -34,7 +34,7 @@ def test_profile_values_and_overrides_order():
     assert cfg["milvus.uri"] == "http://10.0.0.5:19530"  # -o wins over the profile
     assert cfg["milvus.index_type"] == "IVF_FLAT"
     assert section(cfg, "milvus.index_params") == {"nlist": 1024}
-    assert section(cfg, "milvus.search_params") == {"nprobe": 16}
+    assert section(cfg, "milvus.search_params") == {"nprobe": 64}
 
 
 def test_missing_env_and_missing_profile_are_clear(monkeypatch):
