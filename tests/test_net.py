@@ -192,3 +192,22 @@ def test_cosine_temperature_scores_cosines_and_both_towers_give_unit_vectors():
     np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp((cos_n - cos_p) / 0.1))), rtol=1e-4)
     with pytest.raises(ValueError, match="cosine_temperature must be >= 0"):
         dm.create_model({**config, "hyper_parameters.cosine_temperature": -1})
+
+
+def test_uniform_sampler_draws_every_id_alike_and_corrects_by_a_constant():
+    rng = np.random.default_rng(0)
+    sampler = multi_interest.make_sampler({"hyper_parameters.negative_sampler": "uniform"}, 50)
+    draws = sampler.sample_numpy(rng, 50_000)
+    assert draws.min() == 1 and draws.max() == 50
+    counts = np.bincount(draws, minlength=51)[1:]
+    assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000  # log-uniform would give 1 >> 50
+    negs = np.array([3, 7, 7, 40], dtype=np.int64)
+    bias = sampler.logit_bias_numpy(np.array([7, 9]), negs)
+    np.testing.assert_allclose(bias[1], -np.log(4 / 50), rtol=1e-6)
+    assert (bias[0, [2, 3]] == -1e9).all() and bias[0, 0] == pytest.approx(-np.log(4 / 50))
+    graph = sampler.sample(1000).numpy()
+    assert graph.min() >= 1 and graph.max() <= 50
+    np.testing.assert_allclose(sampler.log_q(paddle.to_tensor(negs), 4).numpy(), np.log(4 / 50), rtol=1e-6)
+    assert type(multi_interest.make_sampler({}, 50)).__name__ == "LogUniformSampler"
+    with pytest.raises(ValueError, match="negative_sampler must be one of"):
+        multi_interest.make_sampler({"hyper_parameters.negative_sampler": "zipf"}, 50)

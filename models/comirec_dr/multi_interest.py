@@ -75,6 +75,39 @@ class LogUniformSampler:
         return bias
 
 
+class UniformSampler(LogUniformSampler):
+    """Negatives drawn uniformly over ids 1..n: for catalogues whose popularity is flat, where
+    log-uniform draws half its negatives from the first ~sqrt(n) ids and leaves most items never
+    pushed down. Q(r) = 1/n for every id, so the log-Q correction is a constant."""
+
+    def sample(self, num):
+        return paddle.randint(1, self.n + 1, [num], dtype="int64")
+
+    def log_q(self, ids, num):
+        return paddle.full(ids.shape, math.log(num / self.n), dtype="float32")
+
+    def sample_numpy(self, rng, num):
+        return rng.integers(1, self.n + 1, size=num, dtype=np.int64)
+
+    def logit_bias_numpy(self, target, negs):
+        target = np.asarray(target).reshape(-1)
+        bias = np.full((len(target), 1 + len(negs)), -math.log(len(negs) / self.n), dtype=np.float32)
+        bias[:, 1:][negs[None, :] == target[:, None]] = -1e9
+        return bias
+
+
+SAMPLERS = {"log_uniform": LogUniformSampler, "uniform": UniformSampler}
+
+
+def make_sampler(config, num_items):
+    """hyper_parameters.negative_sampler: log_uniform (default; dense ids are ranked by popularity)
+    or uniform."""
+    name = config.get("hyper_parameters.negative_sampler", "log_uniform") or "log_uniform"
+    if name not in SAMPLERS:
+        raise ValueError(f"hyper_parameters.negative_sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name](num_items)
+
+
 class MultiInterestLayer(nn.Layer):
     """Item tower = the embedding table ``item_emb`` (PaddleRec's infer.py reads it by that
     name); user tower = ``extract`` over the history's embeddings.
@@ -226,6 +259,7 @@ class DygraphModelBase:
         if tau < 0:
             raise ValueError(f"hyper_parameters.cosine_temperature must be >= 0 (0 = off), got {tau}")
         model.cosine_temperature = tau
+        model.sampler = make_sampler(config, model.item_count - 1)
         return model
 
     def create_feeds_train(self, batch_data):

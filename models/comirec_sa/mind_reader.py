@@ -11,7 +11,7 @@ own DataLoader.
 import logging
 
 import numpy as np
-from multi_interest import LogUniformSampler
+from multi_interest import make_sampler
 from paddle.io import IterableDataset
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class RecDataset(IterableDataset):
         self.batch_size = config.get("runner.train_batch_size", 128)
         self.batches_per_epoch = config.get("runner.batches_per_epoch", 1000)
         self.neg_samples = config.get("hyper_parameters.neg_samples", 1280)
-        self.sampler = LogUniformSampler(config.get("hyper_parameters.item_count", 2) - 1)
+        self.sampler = make_sampler(config, config.get("hyper_parameters.item_count", 2) - 1)
         self.seed = config.get("runner.seed", 12345)
         # Data parallel: rank r of w reads files r, r+w, ... (or every w-th user if few files).
         self.rank = config.get("runner.rank", 0)
