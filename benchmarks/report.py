@@ -147,20 +147,14 @@ def section_lines(key: str, sec: dict, out_dir: str, with_notes: bool = False) -
     return lines
 
 
-def update_sections(results: dict, command: str, out_dir: str = "docs") -> str:
-    """Replace only these sections of an existing report (and their figures in the JSON), so one
-    section can be re-measured without re-running the others; the command is noted in each."""
+def _put_sections(sections: list[list[str]], figures: dict, out_dir: str) -> str:
+    """Replace each section (its first line is its ``## `` title) in docs/benchmarks.md, or insert
+    it before the notes, and merge ``figures`` into docs/benchmarks.json; the rest stays."""
     md = os.path.join(out_dir, "benchmarks.md")
     with open(md) as f:
         lines = f.read().split("\n")
-    with open(os.path.join(out_dir, "benchmarks.json")) as f:
-        flat = json.load(f)
-    for key, sec in results.items():
-        if key not in SECTION_TITLES:
-            raise ValueError(f"--update-docs cannot place section {key!r} (only {', '.join(SECTION_TITLES)})")
-        new = section_lines(key, sec, out_dir, with_notes=True)
-        new[1:1] = ["", f"This section re-measured on its own: `{command}`."]
-        title = SECTION_TITLES[key]
+    for new in sections:
+        title = new[0]
         if title in lines:
             start = lines.index(title)
             end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
@@ -168,13 +162,29 @@ def update_sections(results: dict, command: str, out_dir: str = "docs") -> str:
         else:
             at = lines.index("## Notes") if "## Notes" in lines else len(lines)
             lines[at:at] = new
-        flat.update({k: (round(v, 6) if isinstance(v, float) else v)
-                     for k, v in sec.get("figures", {}).items()})
     with open(md, "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(out_dir, "benchmarks.json"), "w") as f:
+    path = os.path.join(out_dir, "benchmarks.json")
+    with open(path) as f:
+        flat = json.load(f)
+    flat.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()})
+    with open(path, "w") as f:
         json.dump(flat, f, indent=2, sort_keys=True)
     return md
+
+
+def update_sections(results: dict, command: str, out_dir: str = "docs") -> str:
+    """Replace only these sections of an existing report (and their figures in the JSON), so one
+    section can be re-measured without re-running the others; the command is noted in each."""
+    sections, figures = [], {}
+    for key, sec in results.items():
+        if key not in SECTION_TITLES:
+            raise ValueError(f"--update-docs cannot place section {key!r} (only {', '.join(SECTION_TITLES)})")
+        new = section_lines(key, sec, out_dir, with_notes=True)
+        new[1:1] = ["", f"This section re-measured on its own: `{command}`."]
+        sections.append(new)
+        figures.update(sec.get("figures", {}))
+    return _put_sections(sections, figures, out_dir)
 
 
 def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> str:
@@ -214,23 +224,5 @@ def write(results: dict, machine: dict, command: str, out_dir: str = "docs") -> 
 
 def merge_section(title: str, body: list[str], figures: dict, out_dir: str = "docs") -> None:
     """Put one stand-alone benchmark's section (``title``, a ``## `` line) into docs/benchmarks.md,
-    replacing an older copy, and its figures into docs/benchmarks.json; the rest stays."""
-    md = os.path.join(out_dir, "benchmarks.md")
-    with open(md) as f:
-        lines = f.read().split("\n")
-    new = [title, "", *body, ""]
-    if title in lines:
-        start = lines.index(title)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = new
-    else:
-        at = lines.index("## Notes") if "## Notes" in lines else len(lines)
-        lines[at:at] = new
-    with open(md, "w") as f:
-        f.write("\n".join(lines))
-    path = os.path.join(out_dir, "benchmarks.json")
-    with open(path) as f:
-        flat = json.load(f)
-    flat.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()})
-    with open(path, "w") as f:
-        json.dump(flat, f, indent=2, sort_keys=True)
+    replacing an older copy, and its figures into docs/benchmarks.json."""
+    _put_sections([[title, "", *body, ""]], figures, out_dir)
