@@ -327,18 +327,15 @@ class ItemIndex:
         self.drop()
         self._create_collection()
         written = self._write("insert", ids, vectors, fields, progress)
-        stages = []
-        for what, call in (("flush", lambda **kw: c.flush(name, **kw)),
-                           ("index build", lambda: self._create_index(True, build_timeout)),
-                           ("load_collection", lambda **kw: c.load_collection(name, **kw))):
-            t0 = time.perf_counter()
-            if what == "index build":
-                call()
-            else:
-                self._call(what, call, build_timeout)
-            stages.append(f"{what} {time.perf_counter() - t0:.1f} s")
-        logger.info("%s: %d rows sealed, indexed (%s) and loaded: %s", name, written,
-                    self.index_type, ", ".join(stages))
+        t0 = time.perf_counter()
+        self._call("flush", lambda **kw: c.flush(name, **kw), build_timeout)
+        t1 = time.perf_counter()
+        self._create_index(sync=True, timeout=build_timeout)
+        t2 = time.perf_counter()
+        self._call("load_collection", lambda **kw: c.load_collection(name, **kw), build_timeout)
+        logger.info("%s: %d rows sealed, indexed (%s) and loaded: flush %.1f s, index build %.1f s, "
+                    "load %.1f s", name, written, self.index_type, t1 - t0, t2 - t1,
+                    time.perf_counter() - t2)
         return written
 
     def _write(self, verb: str, ids: Sequence[int] | np.ndarray, vectors: np.ndarray,
