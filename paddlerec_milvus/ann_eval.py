@@ -18,18 +18,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import paddle
-from tqdm import tqdm
 
-from .checkpoint import best_epoch, checkpoint_dir, load_checkpoint
-from .device import set_device
+from .checkpoint import checkpoint_dir, load_checkpoint
 from .errors import ConfigError
-from .evaluate import check_evaluation_target
+from .evaluate import check_evaluation_target, epochs_to_evaluate, model_for_evaluation
 from .milvus_index import ItemIndex
-from .model_dir import create_reader, load_dygraph_model
+from .model_dir import create_reader
 from .recall import ExactIndex, merge_interest_hits
-from .scoring import cutoffs_for, score_users
-from .towers import indexed_items, user_interests, user_tower
+from .scoring import cutoffs_for, interests_of, score_users
+from .towers import indexed_items, user_tower
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +133,6 @@ def _overlap(ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(np.mean(shares)) if shares else 1.0
 
 
-def _interests(config: dict[str, Any], dm, model, reader, batch_users: int
-               ) -> tuple[np.ndarray, list[list[int]]]:
-    tower = user_tower(dm, model)
-    parts, truths = [], []
-    for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_users),
-                                             total=-(-len(reader) // batch_users),
-                                             desc="interests", unit=" batch"):
-        parts.append(user_interests(tower, hist, seq_len))
-        truths.extend(evals)
-    return np.concatenate(parts).astype(np.float32), truths
-
-
 def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best: bool = False,
                  flat: bool = True) -> AnnReport:
     """Score one checkpoint through the configured Milvus index ``builds`` times (each a fresh
@@ -157,20 +142,15 @@ def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best:
     checkpoint."""
     if builds < 1:
         raise ConfigError(f"--ann-builds {builds}: build the index at least once")
-    load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
-    epoch = best_epoch(load_path) if best else int(config.get("runner.infer_start_epoch", 0))
-    if epoch is None:
-        raise ConfigError(f"--best: no {load_path}/best.json; train with runner.valid_data_dir set")
-    set_device(config)
-    paddle.seed(int(config.get("runner.seed", 12345)))
-    dm = load_dygraph_model(config)
-    model = dm.create_model(config)
+    load_path, epoch, _ = epochs_to_evaluate(config, best)
+    dm, model = model_for_evaluation(config)
     folder = checkpoint_dir(load_path, epoch)
     load_checkpoint(model, folder)
     reader = create_reader(config, "test")
     batch_users = int(config.get("runner.infer_batch_size", 256) or 256)
     ids, vecs = indexed_items(dm, model)
-    interests, truths = _interests(config, dm, model, reader, batch_users)
+    batches, truths = interests_of(user_tower(dm, model), reader, batch_users)
+    interests = np.concatenate(batches).astype(np.float32)
     dim = interests.shape[2]
     limit = max(top_n, 20)
     cutoffs = cutoffs_for(top_n)

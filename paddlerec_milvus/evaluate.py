@@ -54,23 +54,33 @@ def check_evaluation_target(config: dict[str, Any], index: ItemIndex) -> None:
                           "evaluation would overwrite them; name a collection of its own")
 
 
-def evaluate_epochs(config: dict[str, Any], top_n: int = 50, paddlerec_metrics: bool = False,
-                    exact: bool = False, best: bool = False) -> list[EvalResult]:
-    """Evaluate epochs ``infer_start_epoch`` .. ``infer_end_epoch - 1`` (``best``: only the epoch
-    chosen on validation, from ``best.json``); write JSON per epoch."""
+def epochs_to_evaluate(config: dict[str, Any], best: bool) -> tuple[str, int, int]:
+    """(checkpoint folder, first epoch, end epoch): the best by validation (``best``, from
+    ``best.json``), else ``runner.infer_start_epoch`` .. ``infer_end_epoch``."""
     load_path = config.get("runner.infer_load_path") or config.get("runner.model_save_path")
     if best:
         start = best_epoch(load_path)
         if start is None:
             raise ConfigError(f"--best: no {load_path}/best.json; train with runner.valid_data_dir set")
-        end = start + 1
-    else:
-        start = int(config.get("runner.infer_start_epoch", 0))
-        end = int(config.get("runner.infer_end_epoch", start + 1))
+        return load_path, start, start + 1
+    start = int(config.get("runner.infer_start_epoch", 0))
+    return load_path, start, int(config.get("runner.infer_end_epoch", start + 1))
+
+
+def model_for_evaluation(config: dict[str, Any]):
+    """(DygraphModel, its network) on the configured device, seeded; load a checkpoint into it."""
     set_device(config)
     paddle.seed(int(config.get("runner.seed", 12345)))
     dm = load_dygraph_model(config)
-    model = dm.create_model(config)
+    return dm, dm.create_model(config)
+
+
+def evaluate_epochs(config: dict[str, Any], top_n: int = 50, paddlerec_metrics: bool = False,
+                    exact: bool = False, best: bool = False) -> list[EvalResult]:
+    """Evaluate epochs ``infer_start_epoch`` .. ``infer_end_epoch - 1`` (``best``: only the epoch
+    chosen on validation, from ``best.json``); write JSON per epoch."""
+    load_path, start, end = epochs_to_evaluate(config, best)
+    dm, model = model_for_evaluation(config)
     reader = create_reader(config, "test")
     dim = int(config.get("hyper_parameters.embedding_dim", 64))
     index = ExactIndex(dim) if exact else ItemIndex.from_config(config, dim)

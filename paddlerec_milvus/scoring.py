@@ -41,6 +41,19 @@ def score_users(recalled: list[list[int]], truths: list[list[int]], cutoffs: lis
     return out
 
 
+def interests_of(tower, reader, batch_size: int, progress: bool = True
+                 ) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Every user's interests ([B, K, D] per batch of ``batch_size``) and eval items, in order."""
+    batches, truths = [], []
+    for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
+                                             total=-(-len(reader) // batch_size),
+                                             desc="interests", unit=" batch",
+                                             disable=None if progress else True):
+        batches.append(user_interests(tower, hist, seq_len))
+        truths.extend(evals)
+    return batches, truths
+
+
 def score_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: int,
                      paddlerec_metrics: bool = False, progress: bool = True,
                      workers: int | None = None) -> tuple[dict[str, float], int]:
@@ -50,20 +63,13 @@ def score_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: in
     ids, vecs = indexed_items(dm, model)
     tower = user_tower(dm, model)
     k = max(top_n, 20)
-    truths: list[list[int]] = []
-    batches: list[np.ndarray] = []
     batch_size = int(config.get("runner.infer_batch_size", 256) or 256)
     # Every vector changes between checkpoints: a fresh collection is faster to fill and to
     # search than one whose rows were all replaced, and holds nothing but this checkpoint's items.
     # A server flushes, indexes and loads it for seconds: the interests are computed meanwhile.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="refill") as filler:
         filled = filler.submit(contextvars.copy_context().run, index.refill, ids, vecs)
-        for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
-                                                 total=-(-len(reader) // batch_size),
-                                                 desc="interests", unit=" batch",
-                                                 disable=None if progress else True):
-            batches.append(user_interests(tower, hist, seq_len))
-            truths.extend(evals)
+        batches, truths = interests_of(tower, reader, batch_size, progress)
         filled.result()
     t1 = time.perf_counter()
     # Milvus: two searches in flight, so one batch's merge overlaps the other's search. Exact numpy
