@@ -26,8 +26,9 @@ import time
 import urllib.request
 from typing import Any
 
-from benchmarks.common import BENCH_DIR, MODELS, descendants, machine, python, run_measured
+from benchmarks.common import BENCH_DIR, MODELS, machine, python, run_measured
 from benchmarks.report import merge_section
+from benchmarks.search import tree_rss_mb
 from paddlerec_milvus.milvus_server import MilvusServer, free_port
 
 logger = logging.getLogger("benchmarks.catalogue_1m")
@@ -43,17 +44,6 @@ TRAIN = ["runner.epochs=5", "runner.batches_per_epoch=1000", "runner.train_batch
 SPLIT = "0.984,0.008,0.008"  # 250k users -> 2,000 validation and 2,000 test users
 
 
-def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
-    return total / 2**20
-
-
 class PeakRss:
     """The peak summed RSS of a process tree, sampled every 0.5 s while a stage runs."""
 
@@ -63,10 +53,10 @@ class PeakRss:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            self.peak = max(self.peak, _rss_mb([self.root, *descendants(self.root)]))
+            self.peak = max(self.peak, tree_rss_mb([self.root]) or 0.0)
 
     def __enter__(self) -> PeakRss:
-        self.peak = _rss_mb([self.root, *descendants(self.root)])
+        self.peak = tree_rss_mb([self.root]) or 0.0
         self._thread.start()
         return self
 
