@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +54,12 @@ class RecallAnswer:
 
 
 class UserTowerPredictor:
-    """``paddle.inference`` predictor for the exported user tower; a pool of clones."""
+    """``paddle.inference`` predictor for the exported user tower; a pool of clones.
+
+    It runs a private link (or copy) of the tower files, never the export folder's: Paddle 3's
+    ``clone()`` reads the model files again, so a clone made after a re-export replaced the
+    folder would run the new tower inside the old version (seen: answers labelled with one
+    version, computed with the next one's tower)."""
 
     def __init__(self, export_dir: str, manifest: Manifest, use_gpu: bool = False):
         import paddle.inference as pi
@@ -61,6 +69,9 @@ class UserTowerPredictor:
         for path in (model, params):
             if not os.path.isfile(path):
                 raise ConfigError(f"export {export_dir} lacks {os.path.basename(path)}; re-export")
+        self._files = tempfile.mkdtemp(prefix="paddlerec-tower-")
+        weakref.finalize(self, shutil.rmtree, self._files, True)
+        model, params = (_pin(path, self._files) for path in (model, params))
         cfg = pi.Config(model, params)
         if use_gpu:
             cfg.enable_use_gpu(256, 0)
@@ -99,6 +110,25 @@ class UserTowerPredictor:
                 self._free.append(pred)
 
 
+def _pin(path: str, folder: str) -> str:
+    """``path``'s content under ``folder``: a hard link (free, and the content stays when the
+    export folder is replaced), or a copy where the two are on different file systems."""
+    target = os.path.join(folder, os.path.basename(path))
+    try:
+        os.link(path, target)
+    except OSError:
+        try:
+            shutil.copyfile(path, target)
+        except OSError as exc:
+            raise ConfigError(f"cannot copy the user tower {path} to {folder}: "
+                              f"{exc.strerror or exc}") from None
+    return target
+
+
+class ExportReplaced(ConfigError):
+    """The export folder changed while a version was read from it."""
+
+
 class ModelVersion:
     """One export: its user tower, item map and the collection with its item vectors."""
 
@@ -110,6 +140,9 @@ class ModelVersion:
         self.raw_ids = read_export_item_map(export_dir, m.item_count)
         self.dense_of = {int(r): d for d, r in enumerate(self.raw_ids) if d > 0}
         self.predictor = UserTowerPredictor(export_dir, m, use_gpu)
+        if stamp is not None and manifest_stamp(export_dir) != stamp:
+            # the folder was replaced while we read it: the pieces may come from two exports
+            raise ExportReplaced(f"export {export_dir} was replaced while it was being loaded")
         self.uri = uri or m.milvus_uri  # None: the export's
         # The export's own collection (a server export writes one per version behind the alias):
         # searching it, not the alias, keeps this version's tower and vectors together.
@@ -200,7 +233,7 @@ class RecallService:
         self._batchers: dict[str, MicroBatcher] = {}
         self._stages: dict[str, Callable[[Sequence[RecallJob]], list[Any]]] = {
             "user tower": self.run_tower, "search": self.run_search, "recall": self.run_recall}
-        self._current = self._load(manifest_stamp(self.export_dir))
+        self._current = self._load_settled(manifest_stamp(self.export_dir))
 
     # -- versions -------------------------------------------------------------------------
     def _load(self, stamp: Any) -> ModelVersion:
@@ -215,6 +248,17 @@ class RecallService:
         logger.info("serving model version %s (epoch %d) from %s; Milvus %s collection %s",
                     version.version, m.epoch, self.export_dir, version.uri, version.collection)
         return version
+
+    def _load_settled(self, stamp: Any) -> ModelVersion:
+        """``_load``, again while exports keep replacing the folder under it."""
+        for _ in range(4):
+            try:
+                return self._load(stamp)
+            except ExportReplaced:
+                stamp = manifest_stamp(self.export_dir)
+                if stamp is None:
+                    break
+        raise ExportReplaced(f"export {self.export_dir} kept being replaced while it was loaded")
 
     def current(self) -> ModelVersion:
         """The version a new request uses; notices a new export (at most every watch interval)
@@ -240,7 +284,7 @@ class RecallService:
                 if stamp is None or stamp == self._current.stamp:
                     return
                 try:
-                    version = self._load(stamp)
+                    version = self._load_settled(stamp)
                 except Exception as exc:  # a half-written or broken export: keep serving the old one
                     self.last_load_error = f"new export at {self.export_dir} not loaded: {exc}"
                     logger.warning("%s; still serving %s", self.last_load_error, self._current.version)
@@ -397,10 +441,7 @@ class RecallService:
                         raise
                 except CollectionUnavailable:
                     v.reset_index(index)
-                    newer = self.refresh()
-                    if newer is v or attempt == 1:
-                        raise
-                    v = newer  # the old version's collection was pruned: use the new export
+                    raise  # run_search redoes the jobs on a newer export, if there is one
         raise AssertionError("unreachable")
 
     def _explain_empty(self, v: ModelVersion, filtered: bool = False) -> None:
@@ -462,6 +503,7 @@ class RecallService:
         """Milvus for many jobs: one search per (model version, filter), split per job."""
         out: list[RecallAnswer | BaseException] = [RecallAnswer([], [])] * len(jobs)
         for (name, filter), members in _group(jobs, lambda j: (j.model_version, j.filter)).items():
+            v = None
             try:
                 v = self.version(name)
                 members = self._within_search_limit(v, jobs, members, out)
@@ -472,6 +514,13 @@ class RecallService:
                 excludes = [e for i in members for e in jobs[i].excludes]
                 results = self._search_rows(v, vecs, top_ks, excludes, filter,
                                             max(jobs[i].deadline for i in members))
+            except CollectionUnavailable as exc:
+                newer = self.refresh()
+                redone = self._redo_on(newer, v, [jobs[i] for i in members]) \
+                    if v is not None and newer.version != name else [exc] * len(members)
+                for i, answer in zip(members, redone):
+                    out[i] = answer
+                continue
             except Exception as exc:  # noqa: BLE001 - the group's jobs get the error
                 for i in members:
                     out[i] = exc
@@ -484,6 +533,26 @@ class RecallService:
                     notes.append(f"filter left fewer than top_k={job.top_k} items for rows {short[:20]}")
                 out[i] = RecallAnswer([u.ids for u in mine], [u.scores for u in mine], notes, name)
         return out
+
+    def _redo_on(self, newer: ModelVersion, old: ModelVersion, jobs: Sequence[RecallJob]
+                 ) -> list[RecallAnswer | BaseException]:
+        """Jobs whose version's collection is gone (a newer export pruned it), from the start on
+        the newer version: its interests searched in the old version's vectors would be an
+        answer of neither."""
+        moved: list[Any] = []
+        for job in jobs:
+            raw = [old.raw_ids[row[:n]].tolist() for row, n in zip(job.hist, job.seq_len)]
+            try:
+                hist, seq_len, notes = self.encode(raw, newer)
+            except RequestError as exc:  # none of its items is known to the newer model
+                moved.append(exc)
+                continue
+            moved.append(replace(job, hist=hist, seq_len=seq_len, notes=[*job.notes, *notes],
+                                 model_version=newer.version, interests=None))
+        ready = [i for i, job in enumerate(moved) if isinstance(job, RecallJob)]
+        for i, answer in zip(ready, self.run_recall([moved[i] for i in ready])):
+            moved[i] = answer
+        return moved
 
     @staticmethod
     def _within_search_limit(v: ModelVersion, jobs: Sequence[RecallJob], members: list[int],

@@ -252,6 +252,35 @@ def test_reexport_under_load_answers_from_exactly_one_version(own_server, traine
 
 
 @pytest.mark.server
+def test_a_request_whose_versions_collection_is_pruned_is_redone_on_the_newer_export(
+        own_server, trained_demo, tmp_path):
+    """Its interests came from the old tower: searched in the newer collection they made an
+    answer of neither version, labelled with the old one."""
+    from pymilvus import MilvusClient
+
+    from paddlerec_milvus.service import RecallAnswer, RecallService
+
+    out = str(tmp_path / "export")
+    assert _export(trained_demo, own_server.uri, out, 0).returncode == 0
+    hist = _histories(out, 3)
+    svc = RecallService(out, watch_interval_s=3600)  # stays on the first version until told
+    try:
+        old = svc.current()
+        job = svc.prepare(hist, top_k=10)
+        assert _export(trained_demo, own_server.uri, out, 1).returncode == 0
+        want = _offline(out, hist, 10)
+        newer = json.load(open(os.path.join(out, "manifest.json")))["model_version"]
+        MilvusClient(uri=own_server.uri).drop_collection(old.collection)  # as an export elsewhere would
+        job.deadline = time.monotonic() + 30  # the export took longer than a request may
+        (answer,) = svc.run_recall([job])
+        assert isinstance(answer, RecallAnswer), answer
+        assert answer.model_version == newer != old.version
+        assert answer.items == want
+    finally:
+        svc.close()
+
+
+@pytest.mark.server
 def test_export_fails_fast_and_cleanly_when_milvus_is_dead_or_on_sigterm(own_server, trained_demo, tmp_path):
     from paddlerec_milvus.milvus_server import free_port
 

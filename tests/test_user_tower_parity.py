@@ -65,3 +65,35 @@ def test_export_refuses_a_tower_that_disagrees_with_the_model(trained_demo, expo
     with pytest.raises(ConfigError, match="disagrees with the trained model"):
         check_tower_parity(untrained, folder, m.model_file, m.params_file, m.item_count, m.maxlen)
     assert os.path.isfile(os.path.join(export_dir, m.model_file))
+
+
+def test_a_clone_made_after_a_reexport_still_runs_its_own_versions_tower(trained_demo, exported_demo,
+                                                                          tmp_path):
+    """Paddle 3's clone() reads the model files again: a pool clone made after a re-export
+    replaced the folder ran the new tower inside the old version (CI: answers labelled e0 that
+    were e1's tower on e0's vectors)."""
+    from paddlerec_milvus.export import save_user_tower
+    from paddlerec_milvus.service import UserTowerPredictor
+
+    folder = str(tmp_path / "export")
+    shutil.copytree(exported_demo["export_dir"], folder)
+    m = Manifest.load(folder)
+    hist = np.zeros((3, m.maxlen), dtype=np.int64)
+    hist[:, :4] = [[5, 9, 30, 2], [100, 7, 2, 1], [11, 12, 13, 14]]
+    seq_len = np.array([4, 4, 4])
+    pred = UserTowerPredictor(folder, m)
+    before = pred(hist, seq_len)
+
+    other = str(tmp_path / "other")  # a re-export: other weights, renamed into place
+    os.makedirs(other)
+    save_user_tower(trained_tower(trained_demo, load=False), m.maxlen, other)
+    os.rename(folder, folder + ".old")
+    os.rename(other, folder)
+    shutil.rmtree(folder + ".old")
+    assert np.abs(UserTowerPredictor(folder, m)(hist, seq_len) - before).max() > 1e-3  # it differs
+
+    busy = pred._free.pop()  # every clone busy: the next call makes a new one
+    try:
+        np.testing.assert_allclose(pred(hist, seq_len), before, rtol=1e-5, atol=1e-6)
+    finally:
+        pred._free.append(busy)
