@@ -11,8 +11,10 @@ the REST API both call ``RecallService``; neither knows about Paddle or Milvus d
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -69,7 +71,8 @@ class UserTowerPredictor:
         for path in (model, params):
             if not os.path.isfile(path):
                 raise ConfigError(f"export {export_dir} lacks {os.path.basename(path)}; re-export")
-        self._files = tempfile.mkdtemp(prefix="paddlerec-tower-")
+        _sweep_once()
+        self._files = tempfile.mkdtemp(prefix=f"{TOWER_LINKS_PREFIX}{os.getpid()}-")
         weakref.finalize(self, shutil.rmtree, self._files, True)
         model, params = (_pin(path, self._files) for path in (model, params))
         cfg = pi.Config(model, params)
@@ -108,6 +111,44 @@ class UserTowerPredictor:
         finally:
             with self._lock:
                 self._free.append(pred)
+
+
+TOWER_LINKS_PREFIX = "paddlerec-tower-"
+
+
+def sweep_stale_tower_links(root: str | None = None) -> list[str]:
+    """Remove the private tower folders of services that are gone (killed with -9: their
+    finalizers never ran); returns what was removed. A folder whose pid lives is left alone."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.fullmatch(re.escape(TOWER_LINKS_PREFIX) + r"(\d+)-\w+", name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(name)
+    if removed:
+        logger.info("removed %d tower folders of services that are gone from %s", len(removed), root)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@functools.cache
+def _sweep_once() -> None:
+    sweep_stale_tower_links()
 
 
 def _pin(path: str, folder: str) -> str:

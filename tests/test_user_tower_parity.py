@@ -97,3 +97,19 @@ def test_a_clone_made_after_a_reexport_still_runs_its_own_versions_tower(trained
         np.testing.assert_allclose(pred(hist, seq_len), before, rtol=1e-5, atol=1e-6)
     finally:
         pred._free.append(busy)
+
+
+def test_tower_folders_of_services_that_are_gone_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from paddlerec_milvus.service import TOWER_LINKS_PREFIX, sweep_stale_tower_links
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead, live = f"{TOWER_LINKS_PREFIX}{int(gone.stdout)}-abc_1", f"{TOWER_LINKS_PREFIX}{os.getpid()}-xyz"
+    for name in (dead, live, "unrelated-1-x"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "user_tower.pdiparams").write_bytes(b"x")
+    assert sweep_stale_tower_links(str(tmp_path)) == [dead]
+    assert sorted(os.listdir(tmp_path)) == sorted([live, "unrelated-1-x"])
