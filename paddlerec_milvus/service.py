@@ -578,8 +578,8 @@ class RecallService:
     def _redo_on(self, newer: ModelVersion, old: ModelVersion, jobs: Sequence[RecallJob]
                  ) -> list[RecallAnswer | BaseException]:
         """Jobs whose version's collection is gone (a newer export pruned it), from the start on
-        the newer version: its interests searched in the old version's vectors would be an
-        answer of neither."""
+        the newer version: their old interests searched in the newer vectors would be an answer
+        of neither version."""
         moved: list[Any] = []
         for job in jobs:
             raw = [old.raw_ids[row[:n]].tolist() for row, n in zip(job.hist, job.seq_len)]
