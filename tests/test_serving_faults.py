@@ -205,7 +205,8 @@ def test_milvus_server_kill9_gives_bounded_errors_and_recovers(own_server, train
 @pytest.mark.server
 def test_reexport_under_load_answers_from_exactly_one_version(own_server, trained_demo, tmp_path):
     out = str(tmp_path / "export")
-    assert _export(trained_demo, own_server.uri, out, 0).returncode == 0
+    p = _export(trained_demo, own_server.uri, out, 0)
+    assert p.returncode == 0, p.stderr
     hist = _histories(out, 4)
     versions = {json.load(open(os.path.join(out, "manifest.json")))["model_version"]:
                 _offline(out, hist, 10)}
@@ -261,13 +262,15 @@ def test_a_request_whose_versions_collection_is_pruned_is_redone_on_the_newer_ex
     from paddlerec_milvus.service import RecallAnswer, RecallService
 
     out = str(tmp_path / "export")
-    assert _export(trained_demo, own_server.uri, out, 0).returncode == 0
+    p = _export(trained_demo, own_server.uri, out, 0)
+    assert p.returncode == 0, p.stderr
     hist = _histories(out, 3)
     svc = RecallService(out, watch_interval_s=3600)  # stays on the first version until told
     try:
         old = svc.current()
         job = svc.prepare(hist, top_k=10)
-        assert _export(trained_demo, own_server.uri, out, 1).returncode == 0
+        p = _export(trained_demo, own_server.uri, out, 1)
+        assert p.returncode == 0, p.stderr
         want = _offline(out, hist, 10)
         newer = json.load(open(os.path.join(out, "manifest.json")))["model_version"]
         MilvusClient(uri=own_server.uri).drop_collection(old.collection)  # as an export elsewhere would
