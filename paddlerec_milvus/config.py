@@ -70,7 +70,7 @@ KNOWN_KEYS = frozenset({
     "milvus.uri", "milvus.token", "milvus.collection", "milvus.serving_collection",
     "milvus.index_type", "milvus.index_params", "milvus.search_params", "milvus.metric",
     "milvus.batch_size", "milvus.upsert_workers", "milvus.consistency_level",
-    "milvus.scalar_fields", "milvus.timeout", "milvus.profile", "milvus.profile_path",
+    "milvus.scalar_fields", "milvus.timeout", "milvus.write_timeout", "milvus.profile", "milvus.profile_path",
     # set by load_config itself
     "config_abs_dir", "config_path",
 })

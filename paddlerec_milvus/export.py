@@ -157,8 +157,13 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 f.writelines(f"{d}\t{r}\n" for d, r in enumerate(raw_ids[1:].tolist(), 1))
             if not server:
                 ItemIndex.from_config(config, dim, collection=base).drop()
-            index = ItemIndex.from_config(config, dim, collection=physical,
-                                          description=SERVING_DESCRIPTION)
+            # on a server the collection is new: refill creates it (no empty one to create,
+            # index and load first), and each of its calls may take milvus.write_timeout
+            timeout = float(config.get("milvus.timeout") or 10.0)
+            index = ItemIndex.from_config(
+                config, dim, collection=physical, description=SERVING_DESCRIPTION,
+                open_collection=not server,
+                call_timeout=float(config.get("milvus.write_timeout") or max(120.0, timeout)))
             written = index.refill(raw_ids[1:], vectors)  # server: sealed, indexed, loaded
             if server:
                 # count() is Strong: it returns once the server has applied every write, so searches

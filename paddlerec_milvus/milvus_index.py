@@ -120,6 +120,8 @@ class ItemIndex:
         create: bool = True,  # False: a missing collection is an error (serving must not invent one)
         consistency_level: str = "Session",
         description: str = "",  # stored with a collection this creates (SERVING_DESCRIPTION marks export's)
+        call_timeout: float | None = None,  # budget of each call once connected; None: ``timeout``
+        open_collection: bool = True,  # False: connect only (refill creates the collection itself)
     ):
         if not _NAME.match(collection or ""):
             raise MilvusIndexError(
@@ -139,7 +141,11 @@ class ItemIndex:
                                    f"({upsert_workers}) must be positive")
         self.upsert_workers = int(upsert_workers)
         self.scalar_fields = list(scalar_fields)
+        # ``timeout`` bounds reaching the server, so a dead one fails fast; a batch job (export)
+        # gives each call on a server it has reached longer (``call_timeout``): a server that has
+        # just restarted answers its first creates and loads slowly while it recovers the others
         self.timeout, self.retries = timeout, retries
+        self.call_timeout = float(timeout if call_timeout is None else call_timeout)
         self.create = create
         # Session: a client reads its own writes at once; Strong makes every search on a server
         # wait for the next timestamp tick (~200 ms). Lite ignores the level.
@@ -150,7 +156,8 @@ class ItemIndex:
         self.description = description
         self._raw_search_ok = True
         self._client = self._connect(token)
-        self._ensure_collection()
+        if open_collection:
+            self._ensure_collection()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dim: int, collection: str | None = None,
@@ -207,7 +214,7 @@ class ItemIndex:
         all its retries together): ``fn(timeout=..., retry_times=0)`` gets the time left, so
         pymilvus makes one attempt bounded by it and the retries with backoff are ours.
         ``timeout`` replaces the index's own for a call known to be long (an index build)."""
-        deadline, budget = _deadline(self.timeout if timeout is None else timeout)
+        deadline, budget = _deadline(self.call_timeout if timeout is None else timeout)
         for attempt in range(self.retries + 1):
             left = deadline - time.monotonic()
             try:
