@@ -10,9 +10,10 @@ its own process on free ports. Loads: closed loop at concurrency 1, 4, 16, 64 (R
 gRPC: ``benchmarks.load_gen grpc-closed`` over 2 processes), and for the batched targets an open
 loop (``benchmarks.load_gen http-open`` / ``grpc-open``, 2 processes, latency from the scheduled
 send time) at 50/80/100/200% of the batched closed-loop capacity, then a recovery run (2x the
-capacity, then 0.5x). Beside them, the same recall called in-process (threads, unbatched) as the
-floor. Catalogues: the demo export (trained in seconds) and amazon-book-1m (38.5k items, 1 epoch);
-backends: Milvus Lite and a Milvus server (the PyPI ``milvus`` package).
+capacity, then 0.5x); and concurrency 1 on both modes side by side, in alternating turns (the
+fair c=1 ratio on a shared machine). Beside them, the same recall called in-process (threads,
+unbatched) as the floor. Catalogues: the demo export (trained in seconds) and amazon-book-1m
+(38.5k items, 1 epoch); backends: Milvus Lite and a Milvus server (the PyPI ``milvus`` package).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
+
+from paddlerec_milvus.milvus_index import is_local_uri
 
 from . import load_gen
 from .common import BENCH_DIR, MODELS, REPO, machine
@@ -58,9 +62,9 @@ def budget(quick: bool) -> dict[str, Any]:
     requests; seconds per open-loop phase."""
     if quick:
         return {"level_s": 1.5, "closed_min": 100, "closed_max": 500, "inprocess": 200, "warmup": 60,
-                "open_s": 2.0, "recovery_s": (2.0, 2.0)}
+                "open_s": 2.0, "recovery_s": (2.0, 2.0), "paired_rounds": 2, "paired_s": 1.0}
     return {"level_s": 8.0, "closed_min": 300, "closed_max": 5000, "inprocess": 500, "warmup": 200,
-            "open_s": 5.0, "recovery_s": (5.0, 5.0)}
+            "open_s": 5.0, "recovery_s": (5.0, 5.0), "paired_rounds": 6, "paired_s": 2.0}
 
 
 def level_requests(b: dict[str, Any], last_rps: float, conc: int) -> int:
@@ -328,6 +332,29 @@ def inprocess(exp: dict[str, str], n: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def paired_lone_requests(target: str, exp: dict[str, str], bodies: list[dict[str, Any]], work: str,
+                         rounds: int, seconds: float) -> dict[str, list[dict[str, Any]]]:
+    """Concurrency 1 on both modes at once, in alternating short turns (ABBA), so that the c=1
+    p50 ratio compares the two under the same machine load: levels measured minutes apart on this
+    shared machine differed by up to 2x at c=1. Milvus Lite opens a file in one process: the
+    unbatched target gets its own copy of the file."""
+    start = rest_target if target == "rest" else rpc_target
+    own = dict(exp)
+    if is_local_uri(exp["uri"]):
+        own["uri"] = os.path.join(work, "paired-unbatched.db")
+        shutil.copy(exp["uri"], own["uri"])
+    turns: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    with start(own, "unbatched", work) as ub, start(exp, "batched", work) as bt:
+        endpoints = {"unbatched": ub, "batched": bt}
+        for endpoint in endpoints.values():
+            closed(target, endpoint, bodies, 1, 100, 1.0)  # warm-up, not recorded
+        for r in range(rounds):
+            order = MODES if r % 2 == 0 else MODES[::-1]
+            for mode in order:
+                turns[mode].append(closed(target, endpoints[mode], bodies, 1, 200, seconds))
+    return turns
+
+
 def recovery_seconds(rec: dict[str, Any], drop_at: float, end: float, ok_p99_ms: float) -> float | None:
     """Seconds after the load dropped until the first 1-s slice of requests (by scheduled time)
     that all got 200 within ``max(2 x ok_p99_ms, ok_p99_ms + 10)`` ms; None if none did."""
@@ -447,10 +474,31 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
                 figures[f"serving_{target}_recovery_send_lag_p99_ms{sfx}"] = rec.get("send_lag_p99_ms")
                 timelines[target] = {"phases": rec["phases"], "rows": load_gen.timeline(rec)}
     for target in TARGETS:
-        for out, metric in (("c16_speedup", "c16_rps"), ("c1_p50_ratio", "c1_p50_ms")):
-            ub = figures.get(f"serving_{target}_unbatched_{metric}{sfx}")
-            bt = figures.get(f"serving_{target}_batched_{metric}{sfx}")
-            figures[f"serving_{target}_{out}{sfx}"] = bt / ub if ub and bt else None
+        ub = figures.get(f"serving_{target}_unbatched_c16_rps{sfx}")
+        bt = figures.get(f"serving_{target}_batched_c16_rps{sfx}")
+        figures[f"serving_{target}_c16_speedup{sfx}"] = bt / ub if ub and bt else None
+        logger.info("[%s/%s] %s: lone requests, both modes side by side...", cat, backend, target)
+        sub = os.path.join(work, f"{cat}-{backend}-{target}-paired")
+        os.makedirs(sub, exist_ok=True)
+        turns = paired_lone_requests(target, exp, bodies, sub, b["paired_rounds"], b["paired_s"])
+        for mode, ts in turns.items():
+            n = sum(t["ok"]["n"] for t in ts)
+            rows.append({"catalogue": cat, "backend": backend, "target": target, "mode": mode,
+                         "load": f"paired c=1 ({len(ts)} turns)", "offered/s": None,
+                         "ok/s": statistics.median(t["ok_rps"] for t in ts),
+                         "p50 ms": statistics.median(t["ok"]["p50_ms"] for t in ts),
+                         "p99 ms": statistics.median(t["ok"]["p99_ms"] for t in ts), "max ms": None,
+                         "non-200": sum(t["requests"] for t in ts) - n, "rejected": 0,
+                         "rejected p99 ms": None, "rejected p99 ms from send": None,
+                         "vs in-process": None, "requests": n})
+        # each round's two turns ran back to back: the median of the per-round ratios
+        ratios = [bt["ok"]["p50_ms"] / ub["ok"]["p50_ms"]
+                  for ub, bt in zip(turns["unbatched"], turns["batched"]) if ub["ok"]["p50_ms"]]
+        figures[f"serving_{target}_c1_p50_ratio{sfx}"] = statistics.median(ratios) if ratios else None
+        figures[f"serving_{target}_c1_p50_ratio_rounds{sfx}"] = [round(x, 3) for x in ratios]
+        ub = figures.get(f"serving_{target}_unbatched_c1_p50_ms{sfx}")
+        bt = figures.get(f"serving_{target}_batched_c1_p50_ms{sfx}")
+        figures[f"serving_{target}_c1_p50_ratio_sequential{sfx}"] = bt / ub if ub and bt else None
     return {"rows": rows, "figures": figures, "notes": notes, "timelines": timelines,
             "items": exp["items"], "index": ref.get("index_type", "?")}
 
@@ -577,7 +625,12 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
         f"REST with `{gen}` ({how}), gRPC with "
         f"`benchmarks.load_gen grpc-closed` ({GEN_PROCESSES} processes for c > 1, raw pre-serialized "
         "pipeline requests rotating over 64 histories). Latency columns are of the 200 replies; "
-        "`vs in-process` = req/s / in-process req/s at the same concurrency.",
+        "`vs in-process` = req/s / in-process req/s at the same concurrency. "
+        f"Paired c=1: both modes running at once (Milvus Lite: the unbatched one on a copy of the file), "
+        f"{b['paired_rounds']} rounds of one {b['paired_s']:g}-s turn each in alternating order; the row "
+        "gives the medians over the turns, and `serving_*_c1_p50_ratio` is the median of the rounds' "
+        "batched/unbatched p50 ratios (`..._sequential`: the closed-loop levels' ratio, measured minutes "
+        "apart).",
         "Targets: REST = `uvicorn serving.main:app` (one worker); RPC = `paddlerec-milvus serve` in thread "
         f"mode with worker_num {PIPELINE_THREADS} and Op concurrency {PIPELINE_THREADS} + "
         f"{PIPELINE_THREADS} in both modes (in the batched mode those threads wait in the batcher). "
