@@ -159,11 +159,9 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 ItemIndex.from_config(config, dim, collection=base).drop()
             # on a server the collection is new: refill creates it (no empty one to create,
             # index and load first), and each of its calls may take milvus.write_timeout
-            timeout = float(config.get("milvus.timeout") or 10.0)
             index = ItemIndex.from_config(
-                config, dim, collection=physical, description=SERVING_DESCRIPTION,
-                open_collection=not server,
-                call_timeout=float(config.get("milvus.write_timeout") or max(120.0, timeout)))
+                config, dim, collection=physical, bulk_write=True, description=SERVING_DESCRIPTION,
+                open_collection=not server)
             written = index.refill(raw_ids[1:], vectors)  # server: sealed, indexed, loaded
             if server:
                 # count() is Strong: it returns once the server has applied every write, so searches

@@ -161,8 +161,14 @@ class ItemIndex:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], dim: int, collection: str | None = None,
-                    **kwargs: Any) -> ItemIndex:
-        """Build from the ``milvus.*`` keys of a flattened config; ``kwargs`` override them."""
+                    bulk_write: bool = False, **kwargs: Any) -> ItemIndex:
+        """Build from the ``milvus.*`` keys of a flattened config; ``kwargs`` override them.
+
+        ``bulk_write``: a batch job (export) writing a whole catalogue. Reaching Milvus stays
+        bounded by ``milvus.timeout`` (a dead server fails fast), but each call after that may
+        take ``milvus.write_timeout`` (default max(120 s, milvus.timeout)): a server that has just
+        restarted creates and loads slowly while it recovers its other collections."""
+        timeout = float(config.get("milvus.timeout") or 10.0)
         args: dict[str, Any] = dict(
             uri=str(config.get("milvus.uri") or "output_milvus/milvus.db"),
             collection=collection or str(config.get("milvus.collection") or "mind_items"),
@@ -176,8 +182,10 @@ class ItemIndex:
             batch_size=int(config.get("milvus.batch_size") or 1000),
             upsert_workers=int(config.get("milvus.upsert_workers") or 2),
             scalar_fields=config.get("milvus.scalar_fields") or (),
-            timeout=float(config.get("milvus.timeout") or 10.0),
+            timeout=timeout,
         )
+        if bulk_write:
+            args["call_timeout"] = float(config.get("milvus.write_timeout") or max(120.0, timeout))
         args.update(kwargs)
         return cls(**args)
 

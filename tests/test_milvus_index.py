@@ -193,3 +193,17 @@ def test_a_failed_batch_fails_the_upsert(tmp_path, data, monkeypatch):
 def test_bad_batch_settings(tmp_path):
     with pytest.raises(MilvusIndexError, match="must be positive"):
         ItemIndex(str(tmp_path / "b.db"), "b", DIM, batch_size=0)
+
+
+@pytest.mark.parametrize("keys, bulk, want", [
+    ({}, False, 10.0),                                            # every call: milvus.timeout
+    ({}, True, 120.0),                                            # export: 120 s per call
+    ({"milvus.timeout": 300}, True, 300.0),                       # never shorter than milvus.timeout
+    ({"milvus.timeout": 5, "milvus.write_timeout": 30}, True, 30.0),
+    ({"milvus.timeout": 5, "milvus.write_timeout": 30}, False, 5.0),
+])
+def test_bulk_writes_get_the_write_timeout_per_call(tmp_path, keys, bulk, want):
+    cfg = {"milvus.uri": str(tmp_path / "m.db"), **keys}
+    with ItemIndex.from_config(cfg, 8, collection="t", bulk_write=bulk, open_collection=False) as index:
+        assert index.call_timeout == want
+        assert index.timeout == float(keys.get("milvus.timeout", 10.0))
