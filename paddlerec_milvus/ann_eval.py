@@ -39,8 +39,19 @@ class EngineRun:
     metrics: dict[str, float]
     build_s: float  # fill + flush + index build + load (0 for numpy)
     search_s: float  # the searches alone, one client thread, batches of infer_batch_size users
-    search_ms_per_user: float
+    search_ms_per_user: float  # median over its timed passes
     interest_overlap: float  # mean share of an interest's exact top-k that this engine returned
+    # a build's timed passes, and FLAT's passes taken in turn with them (same minutes, same load)
+    pass_ms_per_user: list[float] = field(default_factory=list)
+    flat_pass_ms_per_user: list[float] = field(default_factory=list)
+
+    @property
+    def speedup_vs_flat(self) -> float | None:
+        """Median FLAT pass / median pass of this build, both from the same alternating turns."""
+        if not self.flat_pass_ms_per_user or not self.pass_ms_per_user:
+            return None
+        return statistics.median(self.flat_pass_ms_per_user) / max(statistics.median(self.pass_ms_per_user),
+                                                                    1e-9)
 
 
 @dataclass
@@ -78,8 +89,16 @@ class AnnReport:
             "ann_build_s": statistics.mean(b.build_s for b in self.builds),
         }
         if self.flat is not None:
-            out["flat_search_ms_per_user"] = self.flat.search_ms_per_user
-            out["ann_speedup_vs_flat"] = self.flat.search_ms_per_user / max(ann_ms, 1e-9)
+            paired = [b.speedup_vs_flat for b in self.builds if b.speedup_vs_flat is not None]
+            flat_passes = [ms for b in self.builds for ms in b.flat_pass_ms_per_user]
+            out["flat_search_ms_per_user"] = statistics.median(flat_passes or [self.flat.search_ms_per_user])
+            # each build against FLAT in the same turns: a shared machine's drift between a FLAT
+            # pass and a build's pass minutes later moved the old single-pass ratio by +-30%
+            out["ann_speedup_vs_flat"] = (statistics.mean(paired) if paired
+                                          else self.flat.search_ms_per_user / max(ann_ms, 1e-9))
+            if paired:
+                out["ann_speedup_vs_flat_min"] = min(paired)
+                out["ann_speedup_vs_flat_max"] = max(paired)
         return out
 
     def format(self) -> str:
@@ -100,14 +119,16 @@ class AnnReport:
                 f"{s[f'ann_recall{n}_rel_loss_max'] * 100:.2f}%)")
         if "ann_speedup_vs_flat" in s:
             tail += f"; search {s['ann_speedup_vs_flat']:.2f}x cheaper per user than FLAT"
+            if "ann_speedup_vs_flat_min" in s:
+                lo, hi = s["ann_speedup_vs_flat_min"], s["ann_speedup_vs_flat_max"]
+                tail += f" (builds {lo:.2f}x..{hi:.2f}x, each timed in alternating turns with FLAT)"
         return "\n".join([head, *rows, tail])
 
 
-def _recall_all(index, interests: np.ndarray, limit: int, top_k: int, batch_users: int
-                ) -> tuple[list[list[int]], np.ndarray, float]:
-    """Every user's K interests searched in batches of ``batch_users`` users, one thread, then
-    merged as the serving core merges them: (each user's merged top_k ids, the raw per-interest
-    ids [U * K, limit], the seconds spent in the engine's searches alone)."""
+def _search_all(index, interests: np.ndarray, limit: int, batch_users: int
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every user's K interests searched in batches of ``batch_users`` users, one thread: the
+    per-interest (ids, scores) [U * K, limit] and the seconds spent in the searches alone."""
     users, k, dim = interests.shape
     queries = interests.reshape(users * k, dim)
     ids = np.full((users * k, limit), -1, dtype=np.int64)
@@ -118,6 +139,15 @@ def _recall_all(index, interests: np.ndarray, limit: int, top_k: int, batch_user
         got_ids, got_scores = index.search_vectors(queries[s:s + batch_users * k], limit)
         spent += time.perf_counter() - t0
         ids[s:s + len(got_ids)], scores[s:s + len(got_ids)] = got_ids, got_scores
+    return ids, scores, spent
+
+
+def _recall_all(index, interests: np.ndarray, limit: int, top_k: int, batch_users: int
+                ) -> tuple[list[list[int]], np.ndarray, float]:
+    """``_search_all``, then each user's interests merged as the serving core merges them: (each
+    user's merged top_k ids, the raw per-interest ids [U * K, limit], the search seconds)."""
+    users = interests.shape[0]
+    ids, scores, spent = _search_all(index, interests, limit, batch_users)
     per_ids, per_scores = ids.reshape(users, -1), scores.reshape(users, -1)
     recalled = [merge_interest_hits(per_ids[u], per_scores[u], top_k).ids for u in range(users)]
     return recalled, ids, spent
@@ -134,14 +164,17 @@ def _overlap(ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best: bool = False,
-                 flat: bool = True) -> AnnReport:
+                 flat: bool = True, timing_rounds: int = 3) -> AnnReport:
     """Score one checkpoint through the configured Milvus index ``builds`` times (each a fresh
     collection, built and loaded), through numpy exact search, and (``flat``, when the profile's
     index is not FLAT) through a FLAT collection on the same Milvus for the cost baseline. Every
-    engine searches the same interest vectors. Writes ``ann_top{N}_{index}.json`` beside the
-    checkpoint."""
+    engine searches the same interest vectors. Each build's search cost is timed in
+    ``timing_rounds`` turns alternating with FLAT's (ABBA), so its ratio to FLAT compares passes
+    of the same minutes. Writes ``ann_top{N}_{index}.json`` beside the checkpoint."""
     if builds < 1:
         raise ConfigError(f"--ann-builds {builds}: build the index at least once")
+    if timing_rounds < 1:
+        raise ConfigError(f"timing_rounds {timing_rounds}: time each build at least once")
     load_path, epoch, _ = epochs_to_evaluate(config, best)
     dm, model = model_for_evaluation(config)
     folder = checkpoint_dir(load_path, epoch)
@@ -162,7 +195,8 @@ def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best:
         recalled, raw, spent = _recall_all(index, interests, limit, limit, batch_users)
         metrics = score_users(recalled, truths, cutoffs)
         overlap = 1.0 if exact_ids is None else _overlap(raw, exact_ids)
-        res = EngineRun(label, metrics, build_s, spent, spent / len(truths) * 1e3, overlap)
+        res = EngineRun(label, metrics, build_s, spent, spent / len(truths) * 1e3, overlap,
+                        [spent / len(truths) * 1e3])
         logger.info("%s: Recall@%d %.5f, %.3f ms/user search, %.1f s build, interest overlap %.3f",
                     label, top_n, metrics[f"Recall@{top_n}"], res.search_ms_per_user, build_s, overlap)
         return res, raw
@@ -171,18 +205,36 @@ def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best:
     ann = ItemIndex.from_config(config, dim)
     report = AnnReport(epoch, len(truths), top_n, ann.uri, ann.index_type, ann.index_params,
                        ann.search_params, exact, None)
+    def ms_per_user(index) -> float:
+        return _search_all(index, interests, limit, batch_users)[2] / len(truths) * 1e3
+
+    ref = None
     try:
         check_evaluation_target(config, ann)
         if flat and ann.index_type != "FLAT":
-            with ItemIndex.from_config(config, dim, collection=f"{ann.collection}_flat",
-                                       index_type="FLAT", index_params={}, search_params={}) as ref:
-                check_evaluation_target(config, ref)
-                report.flat, _ = run("FLAT (Milvus)", ref, exact_ids)
-                ref.drop()
+            ref = ItemIndex.from_config(config, dim, collection=f"{ann.collection}_flat",
+                                        index_type="FLAT", index_params={}, search_params={})
+            check_evaluation_target(config, ref)
+            report.flat, _ = run("FLAT (Milvus)", ref, exact_ids)
         for b in range(builds):
-            report.builds.append(run(f"{ann.index_type} build {b + 1}", ann, exact_ids)[0])
+            build = run(f"{ann.index_type} build {b + 1}", ann, exact_ids)[0]
+            if ref is not None:
+                build.pass_ms_per_user = []
+                for r in range(timing_rounds):  # ABBA turns: FLAT, build, build, FLAT, ...
+                    turns = [(ref, build.flat_pass_ms_per_user), (ann, build.pass_ms_per_user)]
+                    for index, passes in (turns if r % 2 == 0 else turns[::-1]):
+                        passes.append(ms_per_user(index))
+                build.search_ms_per_user = statistics.median(build.pass_ms_per_user)
+                logger.info("%s: %.3f ms/user against FLAT's %.3f in the same turns (%.2fx)", build.label,
+                            build.search_ms_per_user, statistics.median(build.flat_pass_ms_per_user),
+                            build.speedup_vs_flat)
+            report.builds.append(build)
+        if ref is not None:
+            ref.drop()
     finally:
         ann.close()
+        if ref is not None:
+            ref.close()
     out = os.path.join(folder, f"ann_top{top_n}_{report.index_type.lower()}.json")
     with open(out, "w", encoding="utf-8") as f:
         json.dump({**asdict(report), "summary": report.summary()}, f, indent=2)
