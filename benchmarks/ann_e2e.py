@@ -39,6 +39,7 @@ SETTINGS: dict[str, tuple[str, dict[str, int], dict[str, int]]] = {
     "ivf_flat_1024_16": ("IVF_FLAT", {"nlist": 1024}, {"nprobe": 16}),
     "ivf_flat_1024_64": ("IVF_FLAT", {"nlist": 1024}, {"nprobe": 64}),
     "ivf_flat_2048_64": ("IVF_FLAT", {"nlist": 2048}, {"nprobe": 64}),
+    "ivf_flat_64_4": ("IVF_FLAT", {"nlist": 64}, {"nprobe": 4}),
     "ivf_flat_128_8": ("IVF_FLAT", {"nlist": 128}, {"nprobe": 8}),
     "ivf_flat_256_16": ("IVF_FLAT", {"nlist": 256}, {"nprobe": 16}),
     "ivf_flat_512_32": ("IVF_FLAT", {"nlist": 512}, {"nprobe": 32}),
@@ -47,9 +48,10 @@ SETTINGS: dict[str, tuple[str, dict[str, int], dict[str, int]]] = {
     "scann_1024_32": ("SCANN", {"nlist": 1024}, {"nprobe": 32, "reorder_k": 200}),
 }
 
-PROFILE_SETTING = "ivf_flat_1024_64"  # what configs/milvus_standalone.yaml sets
-DEFAULT_SETTINGS = ["hnsw_m16_ef64", "hnsw_m16_ef128", "ivf_flat_1024_16", "ivf_flat_1024_64",
-                    "ivf_flat_2048_64", "ivf_sq8_1024_32"]
+PROFILE_SETTING = "ivf_flat_64_4"  # what configs/milvus_standalone.yaml sets
+DEFAULT_SETTINGS = ["ivf_flat_64_4", "ivf_flat_128_8", "ivf_flat_256_16", "ivf_flat_1024_16",
+                    "ivf_flat_1024_64", "ivf_flat_2048_64", "ivf_sq8_1024_32", "hnsw_m16_ef64",
+                    "hnsw_m16_ef128"]
 
 
 def _checkpoint(run: str, extra: list[str]) -> tuple[list[str], int]:
