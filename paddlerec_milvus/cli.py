@@ -125,7 +125,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                               "drop --exact")
         from .ann_eval import evaluate_ann
 
-        print(evaluate_ann(config, builds=args.ann_builds, top_n=args.top_n, best=args.best).format())
+        print(evaluate_ann(config, builds=args.ann_builds, top_n=args.top_n, best=args.best,
+                           timing_rounds=args.ann_timing_rounds).format())
         return 0
     from .evaluate import evaluate_epochs
 
@@ -251,6 +252,9 @@ def _add_infer_args(p: argparse.ArgumentParser) -> None:
                    help="score one epoch (--best, else runner.infer_start_epoch) through the "
                    "profile's Milvus index N times, each a fresh build, beside exact search and "
                    "FLAT on the same interests: end-to-end recall loss and search cost per user")
+    p.add_argument("--ann-timing-rounds", type=int, default=3, metavar="R",
+                   help="with --ann-builds: time each build's search cost in R turns alternating "
+                   "with FLAT's (default 3)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
