@@ -4,10 +4,12 @@ for every index setting below, all in one run on one server. Each row: mean end-
 Recall@50 loss against exact search over 3 builds (with its spread), the mean share of an
 interest's exact top-50 the index returned, and search ms per user against FLAT's in the same run.
 
-    python -m benchmarks.ann_e2e [--run amazon_book_1m_tuned] [--settings NAME ...]
+    python -m benchmarks.ann_e2e [--run amazon_book_1m_tuned] [--settings NAME ...] [--eval-time]
 
 Trains the checkpoint first when the run folder has none (benchmarks.quality's tuned recipe).
-Writes docs/ann_end_to_end.json and .md.
+Writes docs/ann_end_to_end.json and .md, then times the evaluation itself (``infer.py --best``) on
+Milvus Lite against the server in alternating turns (docs/benchmarks.md section 3d; ``--eval-time``
+does only that).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import datetime as dt
 import json
 import logging
 import os
+import statistics
 import subprocess
 import tempfile
+import time
 from typing import Any
 
 from benchmarks.common import BENCH_DIR, MODELS, machine, python, run_measured
@@ -96,6 +100,52 @@ def run(run_name: str, settings: list[str], builds: int, extra: list[str]) -> di
             "extra": extra, "builds": builds, "rows": rows}
 
 
+def eval_times(run_name: str, rounds: int = 3, extra: list[str] | None = None) -> dict[str, Any]:
+    """``infer.py --best`` of the same checkpoint on Milvus Lite and on a Milvus server (FLAT,
+    the evaluation default), in alternating turns: the evaluation's own seconds (fill + interests +
+    search + scoring, as infer.py prints them) and the whole process's wall time."""
+    over, epoch = _checkpoint(run_name, extra or [])
+    folder = os.path.join(BENCH_DIR, "runs", run_name, "ckpt", str(epoch))
+    times: dict[str, dict[str, list[float]]] = {e: {"eval_s": [], "wall_s": []} for e in ("lite", "server")}
+    work = tempfile.mkdtemp(prefix="eval-time-", dir=BENCH_DIR)
+    with MilvusServer(os.path.join(work, "server")) as srv:
+        uris = {"lite": os.path.join(work, "lite.db"), "server": srv.uri}
+        for r in range(rounds):
+            for engine in (("lite", "server") if r % 2 == 0 else ("server", "lite")):
+                cmd = [python(), "-u", os.path.join(MODELS, "infer.py"), "-m", CONFIG, "-top_n", "50",
+                       "--best", "-o", *over, f"milvus.uri={uris[engine]}", "milvus.collection=eval_time"]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=MODELS, capture_output=True, text=True, timeout=1800)
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    raise RuntimeError(f"infer.py on {engine} failed: {proc.stderr.strip()[-500:]}")
+                with open(os.path.join(folder, "metrics_top50.json")) as f:
+                    times[engine]["eval_s"].append(json.load(f)["seconds"])
+                times[engine]["wall_s"].append(wall)
+                logger.info("%s: evaluation %.1f s, process %.1f s", engine,
+                            times[engine]["eval_s"][-1], wall)
+    med = {e: {k: statistics.median(v) for k, v in t.items()} for e, t in times.items()}
+    return {"rounds": rounds, "times": times, "median": med,
+            "server_over_lite_eval": med["server"]["eval_s"] / med["lite"]["eval_s"],
+            "server_over_lite_wall": med["server"]["wall_s"] / med["lite"]["wall_s"]}
+
+
+def write_eval_times(res: dict[str, Any], out_dir: str) -> None:
+    m = res["median"]
+    lines = [
+        f"`python -m benchmarks.ann_e2e --eval-time` ({res['rounds']} turns each, alternating; medians): "
+        "`infer.py --best` of the amazon-book-1m checkpoint, FLAT. The evaluation's own seconds (fill, "
+        "interests, search, scoring) and the whole process (start-up and model load included).", "",
+        "| engine | evaluation s | process s |", "|---|---|---|",
+        f"| Milvus Lite | {m['lite']['eval_s']:.1f} | {m['lite']['wall_s']:.1f} |",
+        f"| Milvus server 2.3.5 | {m['server']['eval_s']:.1f} | {m['server']['wall_s']:.1f} |",
+        f"| server / Lite | {res['server_over_lite_eval']:.2f}x | {res['server_over_lite_wall']:.2f}x |", ""]
+    figures = {"eval_milvus_server_s_amazon_book_1m": m["server"]["eval_s"],
+               "eval_milvus_lite_paired_s_amazon_book_1m": m["lite"]["eval_s"],
+               "eval_server_over_lite_amazon_book_1m": res["server_over_lite_eval"]}
+    merge_section("## 3d. Evaluation on a Milvus server against Milvus Lite", lines, figures, out_dir)
+
+
 def write_docs(res: dict[str, Any], out_dir: str) -> None:
     with open(os.path.join(out_dir, "ann_end_to_end.json"), "w", encoding="utf-8") as f:
         json.dump(res, f, indent=2)
@@ -160,8 +210,14 @@ def main() -> None:
     p.add_argument("--builds", type=int, default=3)
     p.add_argument("-o", "--opt", nargs="*", default=[], help="extra training keys for a new run")
     p.add_argument("--out", default=os.path.join(REPO, "docs"))
+    p.add_argument("--eval-time", action="store_true",
+                   help="only time infer.py --best on Milvus Lite against a Milvus server (section 3d)")
     a = p.parse_args()
+    if a.eval_time:
+        write_eval_times(eval_times(a.run, extra=a.opt), a.out)
+        return
     write_docs(run(a.run, a.settings, a.builds, a.opt), a.out)
+    write_eval_times(eval_times(a.run, extra=a.opt), a.out)
 
 
 if __name__ == "__main__":
