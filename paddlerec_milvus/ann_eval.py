@@ -88,17 +88,15 @@ class AnnReport:
             "ann_search_ms_per_user": ann_ms,
             "ann_build_s": statistics.mean(b.build_s for b in self.builds),
         }
-        if self.flat is not None:
-            paired = [b.speedup_vs_flat for b in self.builds if b.speedup_vs_flat is not None]
-            flat_passes = [ms for b in self.builds for ms in b.flat_pass_ms_per_user]
-            out["flat_search_ms_per_user"] = statistics.median(flat_passes or [self.flat.search_ms_per_user])
+        if self.flat is not None:  # then every build was timed in turns with FLAT
+            paired = [b.speedup_vs_flat for b in self.builds]
+            out["flat_search_ms_per_user"] = statistics.median(
+                ms for b in self.builds for ms in b.flat_pass_ms_per_user)
             # each build against FLAT in the same turns: a shared machine's drift between a FLAT
             # pass and a build's pass minutes later moved the old single-pass ratio by +-30%
-            out["ann_speedup_vs_flat"] = (statistics.mean(paired) if paired
-                                          else self.flat.search_ms_per_user / max(ann_ms, 1e-9))
-            if paired:
-                out["ann_speedup_vs_flat_min"] = min(paired)
-                out["ann_speedup_vs_flat_max"] = max(paired)
+            out["ann_speedup_vs_flat"] = statistics.mean(paired)
+            out["ann_speedup_vs_flat_min"] = min(paired)
+            out["ann_speedup_vs_flat_max"] = max(paired)
         return out
 
     def format(self) -> str:
@@ -205,6 +203,7 @@ def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best:
     ann = ItemIndex.from_config(config, dim)
     report = AnnReport(epoch, len(truths), top_n, ann.uri, ann.index_type, ann.index_params,
                        ann.search_params, exact, None)
+
     def ms_per_user(index) -> float:
         return _search_all(index, interests, limit, batch_users)[2] / len(truths) * 1e3
 
