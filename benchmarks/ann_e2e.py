@@ -135,7 +135,8 @@ def write_eval_times(res: dict[str, Any], out_dir: str) -> None:
     lines = [
         f"`python -m benchmarks.ann_e2e --eval-time` ({res['rounds']} turns each, alternating; medians): "
         "`infer.py --best` of the amazon-book-1m checkpoint, FLAT. The evaluation's own seconds (fill, "
-        "interests, search, scoring) and the whole process (start-up and model load included).", "",
+        "interests, search, scoring) and the whole process (start-up and model load included). The server is "
+        "`MilvusServer`'s, started with its FAST_HANDOFF settings (docs/design.md: refill waits).", "",
         "| engine | evaluation s | process s |", "|---|---|---|",
         f"| Milvus Lite | {m['lite']['eval_s']:.1f} | {m['lite']['wall_s']:.1f} |",
         f"| Milvus server 2.3.5 | {m['server']['eval_s']:.1f} | {m['server']['wall_s']:.1f} |",

@@ -37,6 +37,7 @@ import ctypes
 import errno
 import fcntl
 import ipaddress
+import json
 import logging
 import os
 import platform
@@ -61,6 +62,17 @@ _PORT_FLAGS = ("--etcd-port", "--root-coord-port", "--proxy-internal-port", "--q
 _IP_KEYS = ("proxy.ip", "rootCoord.ip", "queryCoord.ip", "queryNode.ip", "indexNode.ip",
             "dataCoord.ip", "dataNode.ip")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# Server settings for a data directory this launcher creates. A bulk refill (insert, flush, index,
+# load; 38.5k x 64) waits on the server's own clocks: a sealed segment is flushed only once its
+# row assignments expire (dataCoord.segment.assignmentExpiration, 2,000 ms), and load steps advance
+# on query-coordinator ticks (checkInterval 1,000 ms, distPullInterval 500 ms). With these: refill
+# 6.9-7.0 s -> 4.9-5.0 s (flush 2.4 -> 1.1 s, load 3.4-4.0 -> 3.0-3.4 s). Milvus warns that a lower
+# assignmentExpiration than a data directory was last run with can lose data, so a directory is
+# only ever started with the settings it was created with (SETTINGS_FILE); one made without this
+# file keeps Milvus's defaults.
+FAST_HANDOFF = {"dataCoord.segment.assignmentExpiration": 500, "queryCoord.checkInterval": 100,
+                "queryCoord.distPullInterval": 100}
+SETTINGS_FILE = "launcher_settings.json"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -318,6 +330,7 @@ class MilvusServer:
         self.ports: dict[str, int] = {}  # launcher flag (and etcd-peer, metrics) -> port
         self._pgid: int | None = None
         self._rewriter: _BindRewriter | None = None
+        self.settings: dict[str, int] = {}  # --extra-config of this data directory (start reads it)
 
     @property
     def uri(self) -> str:
@@ -363,13 +376,30 @@ class MilvusServer:
         cmd += ["--extra-config", f"etcd.endpoints={self.bind_host}:{self.ports['--etcd-port']}"]
         for key in _IP_KEYS:
             cmd += ["--extra-config", f"{key}={self.bind_host}"]
+        for key, value in self.settings.items():
+            cmd += ["--extra-config", f"{key}={value}"]
         return cmd
+
+    def _load_settings(self) -> dict[str, int]:
+        """The server settings of this data directory: FAST_HANDOFF for one created here, Milvus's
+        defaults for one created without them; recorded on first start, never changed after."""
+        path = os.path.join(self.data_dir, SETTINGS_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return dict(json.load(f))
+        fresh = not os.path.exists(os.path.join(self.data_dir, "data"))
+        settings = dict(FAST_HANDOFF) if fresh else {}
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
+        os.replace(path + ".tmp", path)
+        return settings
 
     def start(self) -> MilvusServer:
         if self.proc is not None and self.proc.poll() is None:
             raise MilvusIndexError(f"Milvus server at {self.uri} is already running")
         self._reap()  # whatever an earlier kill (ours or anyone's) left behind
         os.makedirs(self.data_dir, exist_ok=True)
+        self.settings = self._load_settings()
         self._pick_ports()
         env = dict(os.environ, ETCD_CONFIG_PATH=self._write_etcd_config())
         confine = self.host not in _WILDCARD_HOSTS

@@ -4,6 +4,7 @@ gRPC ports, embedded etcd), and kill -9 / stop then start serve the same data on
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -14,7 +15,7 @@ import urllib.request
 import pytest
 
 from benchmarks.common import descendants
-from paddlerec_milvus.milvus_server import MilvusServer, _group_members
+from paddlerec_milvus.milvus_server import FAST_HANDOFF, SETTINGS_FILE, MilvusServer, _group_members
 
 # Listeners that cannot be kept off other interfaces, as (process name, port) pairs: none since
 # wildcard binds are rebound to the loopback by MilvusServer's bind filter (see its docstring).
@@ -118,6 +119,29 @@ def test_host_must_be_ipv4_or_wildcard(tmp_path):
     assert MilvusServer(str(tmp_path), port=1234).uri == "http://127.0.0.1:1234"
 
 
+def _config_value(srv: MilvusServer, key: str) -> str:
+    with open(os.path.join(srv.data_dir, "configs", "milvus.yaml")) as f:
+        return next(line.split(":", 1)[1].split("#")[0].strip() for line in f
+                    if line.strip().startswith(key + ":"))
+
+
+def test_server_settings_fixed_per_data_directory(tmp_path):
+    """A data directory is started with the settings it was created with: Milvus's defaults for
+    one made without the launcher's settings file (a lower assignmentExpiration than the one a
+    directory last ran with can lose data), FAST_HANDOFF for a new one; a recorded choice stays."""
+    old = tmp_path / "made_elsewhere"
+    (old / "data").mkdir(parents=True)
+    assert MilvusServer(str(old))._load_settings() == {}
+    assert json.loads((old / SETTINGS_FILE).read_text()) == {}
+    new = tmp_path / "new"
+    new.mkdir()
+    assert MilvusServer(str(new))._load_settings() == FAST_HANDOFF
+    (new / "data").mkdir()  # the server has run: the recorded settings stand
+    assert MilvusServer(str(new))._load_settings() == FAST_HANDOFF
+    assert MilvusServer(str(old))._load_settings() == {}
+    assert FAST_HANDOFF["dataCoord.segment.assignmentExpiration"] < 2000
+
+
 @pytest.mark.slow
 @pytest.mark.server
 def test_listeners_on_loopback_and_kill_then_start_keeps_data_and_port(tmp_path):
@@ -126,6 +150,9 @@ def test_listeners_on_loopback_and_kill_then_start_keeps_data_and_port(tmp_path)
     srv = MilvusServer(str(tmp_path / "milvus"))
     try:
         srv.start()
+        assert srv.settings == FAST_HANDOFF  # a directory created here: quick seal and load
+        assert _config_value(srv, "assignmentExpiration") == "500"
+        assert _config_value(srv, "checkInterval") == "100"
         before = assert_all_on_loopback(srv)
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/healthz", timeout=10) as r:
             assert b"OK" in r.read()
@@ -141,6 +168,7 @@ def test_listeners_on_loopback_and_kill_then_start_keeps_data_and_port(tmp_path)
 
         srv.start()
         assert srv.port == port and srv.ports == ports  # same data dir, same ports
+        assert srv.settings == FAST_HANDOFF
         after = assert_all_on_loopback(srv)
         assert {s["port"] for s in after} == {s["port"] for s in before}
         client = MilvusClient(uri=srv.uri, timeout=30)
