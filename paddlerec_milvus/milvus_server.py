@@ -385,8 +385,15 @@ class MilvusServer:
         defaults for one created without them; recorded on first start, never changed after."""
         path = os.path.join(self.data_dir, SETTINGS_FILE)
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                return dict(json.load(f))
+            try:
+                with open(path, encoding="utf-8") as f:
+                    settings = json.load(f)
+                if not isinstance(settings, dict):
+                    raise ValueError("not a JSON object")
+                return {str(k): int(v) for k, v in settings.items()}
+            except (ValueError, TypeError) as e:
+                raise MilvusIndexError(f"{path}: unreadable server settings ({e}); restore it, or "
+                                       "write {} to start with Milvus's defaults") from None
         fresh = not os.path.exists(os.path.join(self.data_dir, "data"))
         settings = dict(FAST_HANDOFF) if fresh else {}
         with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from benchmarks.common import descendants
+from paddlerec_milvus.errors import MilvusIndexError
 from paddlerec_milvus.milvus_server import FAST_HANDOFF, SETTINGS_FILE, MilvusServer, _group_members
 
 # Listeners that cannot be kept off other interfaces, as (process name, port) pairs: none since
@@ -140,6 +141,9 @@ def test_server_settings_fixed_per_data_directory(tmp_path):
     assert MilvusServer(str(new))._load_settings() == FAST_HANDOFF
     assert MilvusServer(str(old))._load_settings() == {}
     assert FAST_HANDOFF["dataCoord.segment.assignmentExpiration"] < 2000
+    (old / SETTINGS_FILE).write_text("{half written")
+    with pytest.raises(MilvusIndexError, match=f"{SETTINGS_FILE}: unreadable server settings"):
+        MilvusServer(str(old))._load_settings()
 
 
 @pytest.mark.slow
