@@ -21,6 +21,7 @@ import numpy as np
 from paddlerec_milvus.checkpoint import checkpoint_dir, load_checkpoint
 from paddlerec_milvus.config import load_config
 from paddlerec_milvus.evaluate import model_for_evaluation
+from paddlerec_milvus.metrics import recall_at_n
 from paddlerec_milvus.model_dir import create_reader
 from paddlerec_milvus.towers import indexed_items, user_interests, user_tower
 
@@ -33,33 +34,38 @@ def repeat_share(rows: list[tuple[np.ndarray, list[int], list[int]]]) -> float:
 
 
 def recall_with_bonus(rows, ids: np.ndarray, bonus: float, n: int = 50) -> float:
+    """Recall@n (the evaluator's ``recall_at_n``) with history items' scores raised by ``bonus``."""
     pos = {int(i): j for j, i in enumerate(ids)}
     spread = float(np.mean([s.std() for s, _h, _e in rows]))
     recalls = []
     for scores, hist, evals in rows:
-        if not evals:
-            continue
         s = scores.copy()
         if bonus and hist:
             s[[pos[x] for x in set(hist) if x in pos]] += 1e9 if np.isinf(bonus) else bonus * spread
-        top = {int(ids[j]) for j in np.argpartition(-s, n)[:n]}
-        recalls.append(sum(x in top for x in evals) / len(evals))
+        top = np.argpartition(-s, n)[:n]
+        recalls.append(recall_at_n(ids[top[np.argsort(-s[top])]].tolist(), evals, n))
     return float(np.mean(recalls))
 
 
-def user_rows(config: dict, data: str, split: str, run_dir: str, epoch: int):
-    cfg = load_config(CONFIG, config + [f"runner.test_data_dir={data}/{split}"])
+def user_rows(config: list[str], data: str, run_dir: str, epoch: int, splits: tuple[str, ...]):
+    """The item ids and, per split, every user's (scores over all items, history, eval items)."""
+    cfg = load_config(CONFIG, config)
     dm, model = model_for_evaluation(cfg)
     load_checkpoint(model, checkpoint_dir(os.path.join(run_dir, "ckpt"), epoch))
     ids, vecs = indexed_items(dm, model)
     tower = user_tower(dm, model)
-    rows = []
-    for _users, hist, seq_len, evals in create_reader(cfg, "test").iter_batches(256):
-        scores = np.einsum("bkd,nd->bkn", user_interests(tower, hist, seq_len), vecs).max(axis=1)
-        for b, ev in enumerate(evals):
-            n = int(np.ravel(seq_len[b])[0])
-            rows.append((scores[b], [int(x) for x in hist[b][:n] if int(x) > 0], [int(x) for x in ev]))
-    return ids, rows
+    out = {}
+    for split in splits:
+        reader = create_reader(load_config(CONFIG, config + [f"runner.test_data_dir={data}/{split}"]), "test")
+        rows = out[split] = []
+        for _users, hist, seq_len, evals in reader.iter_batches(256):
+            scores = np.einsum("bkd,nd->bkn", user_interests(tower, hist, seq_len), vecs).max(axis=1)
+            for b, ev in enumerate(evals):
+                if not len(ev):
+                    continue
+                n = int(np.ravel(seq_len[b])[0])
+                rows.append((scores[b], [int(x) for x in hist[b][:n] if int(x) > 0], [int(x) for x in ev]))
+    return ids, out
 
 
 def main() -> None:
@@ -72,8 +78,8 @@ def main() -> None:
     over = _overrides(data, a.run_dir, validate=True) + tuned_recipe(a.dataset)
     with open(os.path.join(a.run_dir, "ckpt", "best.json")) as f:
         epoch = int(json.load(f)["epoch"])
-    for split in ("valid", "test"):
-        ids, rows = user_rows(over, data, split, a.run_dir, epoch)
+    ids, by_split = user_rows(over, data, a.run_dir, epoch, ("valid", "test"))
+    for split, rows in by_split.items():
         print(f"{a.dataset} {split}: {len(rows)} users, repeat share of eval items {repeat_share(rows):.3f}")
         for beta in a.betas:
             print(f"  beta {beta:g}: Recall@50 {recall_with_bonus(rows, ids, beta):.4f}", flush=True)
