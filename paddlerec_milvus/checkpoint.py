@@ -10,6 +10,7 @@ import tempfile
 
 import paddle
 
+from .config import history_bonus_setting
 from .errors import ConfigError
 
 BEST_FILE = "best.json"  # written by validation.Validator.save
@@ -150,3 +151,20 @@ def best_epoch(save_path: str) -> int | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
     return epoch if epoch >= 0 else None
+
+
+def history_bonus_for(config: dict, save_path: str, epoch: int) -> float:
+    """The history bonus to rank ``epoch``'s recall with: ``recall.history_bonus`` when it is a
+    number, else (``auto``) the one validation chose for that epoch (``best.json``), else 0."""
+    setting = history_bonus_setting(config)
+    if setting != "auto":
+        return float(setting)
+    path = os.path.join(save_path, BEST_FILE)
+    if not os.path.isfile(path):
+        return 0.0
+    try:
+        with open(path, encoding="utf-8") as f:
+            chosen = json.load(f).get("history_bonus") or {}
+        return float(chosen.get(str(epoch), 0.0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None

@@ -31,7 +31,7 @@ PATH_KEYS = (
     "runner.export_path",
     "milvus.uri",
 )
-SECTIONS = ("runner", "hyper_parameters", "workspace", "milvus", "serving")
+SECTIONS = ("runner", "hyper_parameters", "workspace", "milvus", "serving", "recall")
 
 # Every key a model config (or a Milvus profile, or ``-o``) may set: the keys this package, the
 # model zoo (models/mind/*.py) and benchmarks/ read, the keys of the shipped YAML files, and the
@@ -71,6 +71,8 @@ KNOWN_KEYS = frozenset({
     "milvus.index_type", "milvus.index_params", "milvus.search_params", "milvus.metric",
     "milvus.batch_size", "milvus.upsert_workers", "milvus.consistency_level",
     "milvus.scalar_fields", "milvus.timeout", "milvus.write_timeout", "milvus.profile", "milvus.profile_path",
+    # recall: how the merged list is ranked (scoring.py, export's manifest)
+    "recall.history_bonus",
     # set by load_config itself
     "config_abs_dir", "config_path",
 })
@@ -277,6 +279,26 @@ def _resolve_item_count(config: dict[str, Any]) -> None:
                           f"({meta_path}); set it to {data_count} or to auto")
 
 
+HISTORY_BONUS = "recall.history_bonus"
+
+
+def history_bonus_setting(config: Mapping[str, Any]) -> float | str:
+    """``recall.history_bonus``: ``"auto"`` (chosen on the validation split per epoch) or a score
+    bonus >= 0 for a user's own history items; absent = 0 (off)."""
+    value = config.get(HISTORY_BONUS)
+    if value is None:
+        return 0.0
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        bonus = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        bonus = float("nan")
+    if not bonus >= 0 or bonus == float("inf"):
+        raise ConfigError(f"{HISTORY_BONUS} = {value!r}: expected auto or a finite number >= 0")
+    return bonus
+
+
 def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
     """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
     config = _read_yaml(path)
@@ -292,6 +314,7 @@ def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, 
         if isinstance(config.get(key), str):
             config[key] = resolve_path(config, config[key])
     _resolve_item_count(config)
+    history_bonus_setting(config)
     return config
 
 

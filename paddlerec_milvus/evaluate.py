@@ -12,7 +12,7 @@ from typing import Any
 
 import paddle
 
-from .checkpoint import best_epoch, checkpoint_dir, load_checkpoint
+from .checkpoint import best_epoch, checkpoint_dir, history_bonus_for, load_checkpoint
 from .device import set_device
 from .errors import ConfigError
 from .milvus_index import SERVING_DESCRIPTION, ItemIndex
@@ -31,11 +31,13 @@ class EvalResult:
     seconds: float
     engine: str
     metrics: dict[str, float] = field(default_factory=dict)
+    history_bonus: float = 0.0  # added to the scores of a user's own history items
 
     def format_line(self) -> str:
         parts = [f"{k} {v:.5f}" for k, v in self.metrics.items()]
+        bonus = f" | history bonus {self.history_bonus:.4g}" if self.history_bonus else ""
         return (f"epoch {self.epoch}: " + "  ".join(parts)
-                + f"  | users {self.users} | {self.seconds:.1f} s ({self.engine})")
+                + f"  | users {self.users}{bonus} | {self.seconds:.1f} s ({self.engine})")
 
 
 def check_evaluation_target(config: dict[str, Any], index: ItemIndex) -> None:
@@ -93,9 +95,10 @@ def evaluate_epochs(config: dict[str, Any], top_n: int = 50, paddlerec_metrics: 
             folder = checkpoint_dir(load_path, epoch)
             load_checkpoint(model, folder)
             t0 = time.perf_counter()
+            bonus = history_bonus_for(config, load_path, epoch)
             metrics, users = score_checkpoint(config, dm, model, reader, index, top_n,
-                                              paddlerec_metrics)
-            res = EvalResult(epoch, top_n, users, time.perf_counter() - t0, engine, metrics)
+                                              paddlerec_metrics, history_bonus=bonus)
+            res = EvalResult(epoch, top_n, users, time.perf_counter() - t0, engine, metrics, bonus)
             out = os.path.join(folder, f"metrics_top{top_n}{'_exact' if exact else ''}.json")
             with open(out, "w", encoding="utf-8") as f:
                 json.dump(asdict(res), f, indent=2)

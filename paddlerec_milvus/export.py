@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .checkpoint import best_epoch, checkpoint_dir, latest_epoch, load_checkpoint
+from .checkpoint import best_epoch, checkpoint_dir, history_bonus_for, latest_epoch, load_checkpoint
 from .config import resolve_path
 from .errors import ConfigError, DataError, MilvusIndexError
 from .milvus_index import SERVING_DESCRIPTION, ItemIndex, is_local_uri
@@ -172,7 +172,8 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 previous = index.point_alias(base)
                 switched = True
             manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
-                                physical, model_file, params_file)
+                                physical, model_file, params_file,
+                                history_bonus_for(config, load_path, epoch))
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
                 json.dump(asdict(manifest), f, indent=2)
             os.chmod(tmp, 0o755)
@@ -200,6 +201,9 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     finally:
         if index is not None:
             index.close()
+    if manifest.history_bonus:
+        logger.info("recall ranks a user's own history items %.4g higher (recall.history_bonus)",
+                    manifest.history_bonus)
     logger.info("exported epoch %d as version %s to %s; %d items in %s (%s)", epoch, version,
                 output_dir, written, physical, "alias " + base if server else "Milvus Lite")
     return manifest

@@ -589,6 +589,24 @@ class ItemIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def vectors_of(self, ids: Sequence[int] | np.ndarray, filter: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of ``ids`` the collection holds (and ``filter`` admits), in
+        no set order: what the history bonus scores a user's own items with."""
+        wanted = [int(i) for i in np.unique(np.asarray(ids, dtype=np.int64))]
+        found_ids: list[int] = []
+        found_vecs: list[list[float]] = []
+        for s in range(0, len(wanted), 4096):
+            expr = f"item_id in {wanted[s:s + 4096]}" + (f" and ({filter})" if filter else "")
+            rows = self._call("query", lambda expr=expr, **kw: self._client.query(
+                self.collection, filter=expr, output_fields=["item_id", "embedding"],
+                consistency_level=self.consistency_level, **kw))
+            for row in rows:
+                found_ids.append(int(row["item_id"]))
+                found_vecs.append(row["embedding"])
+        vectors = np.asarray(found_vecs, dtype=np.float32).reshape(len(found_ids), self.dim)
+        return np.asarray(found_ids, dtype=np.int64), vectors
+
     def search_vectors(self, queries: np.ndarray, limit: int,
                        filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``limit`` (ids, scores) per query, padded with -1/-inf when short."""
@@ -669,9 +687,10 @@ class ItemIndex:
 
     def search(self, interests: np.ndarray, top_k: int,
                histories: Sequence[Collection[int]] | None = None,
-               exclude_history: bool = False, filter: str | None = None) -> list[UserRecall]:
+               exclude_history: bool = False, filter: str | None = None,
+               history_bonus: float = 0.0) -> list[UserRecall]:
         """K interest vectors per user -> one merged top-k list per user."""
-        return recall_top_k(self, interests, top_k, histories, exclude_history, filter)
+        return recall_top_k(self, interests, top_k, histories, exclude_history, filter, history_bonus)
 
 
 # (monotonic end, length in seconds) of the innermost deadline_scope, or None outside any

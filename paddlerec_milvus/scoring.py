@@ -9,6 +9,7 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from .metrics import hitrate_at_n, ndcg_at_n, paddlerec_ndcg_at_n, recall_at_n
 from .model_dir import create_reader, data_files
-from .recall import ExactIndex, recall_top_k
+from .recall import ExactIndex, HistoryHits, UserRecall, history_hits, merge_rows
 from .towers import indexed_items, user_interests, user_tower
 
 logger = logging.getLogger(__name__)
@@ -44,49 +45,136 @@ def score_users(recalled: list[list[int]], truths: list[list[int]], cutoffs: lis
 def interests_of(tower, reader, batch_size: int, progress: bool = True
                  ) -> tuple[list[np.ndarray], list[list[int]]]:
     """Every user's interests ([B, K, D] per batch of ``batch_size``) and eval items, in order."""
-    batches, truths = [], []
+    batches, _histories, truths = user_batches(tower, reader, batch_size, progress)
+    return batches, truths
+
+
+def user_batches(tower, reader, batch_size: int, progress: bool = True
+                 ) -> tuple[list[np.ndarray], list[list[list[int]]], list[list[int]]]:
+    """Per batch of ``batch_size`` users: interests [B, K, D] and histories (the items the tower
+    saw); and every user's eval items, in order."""
+    batches, histories, truths = [], [], []
     for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
                                              total=-(-len(reader) // batch_size),
                                              desc="interests", unit=" batch",
                                              disable=None if progress else True):
         batches.append(user_interests(tower, hist, seq_len))
+        lens = np.asarray(seq_len).reshape(-1)
+        histories.append([[int(x) for x in row[:n] if x > 0] for row, n in zip(np.asarray(hist), lens)])
         truths.extend(evals)
-    return batches, truths
+    return batches, histories, truths
 
 
-def score_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: int,
-                     paddlerec_metrics: bool = False, progress: bool = True,
-                     workers: int | None = None) -> tuple[dict[str, float], int]:
-    """Fill ``index`` with the model's items (it must be empty or disposable: the caller checks),
-    recall every user of ``reader`` through it and score them; returns (metrics, users)."""
+# The grid ``recall.history_bonus: auto`` chooses from on the validation split, in units of the
+# users' mean score spread over their top-N list (first minus N-th score). 8 spreads put every
+# history item first in practice.
+BONUS_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class Recalled:
+    """Every user's search hits ([B, K x k] per batch) and scored history items, unmerged: one
+    search serves every history bonus tried."""
+
+    k: int
+    ids: list[np.ndarray]
+    scores: list[np.ndarray]
+    hits: list[list[HistoryHits] | None]
+    truths: list[list[int]]
+
+    def lists(self, bonus: float = 0.0) -> list[UserRecall]:
+        out = []
+        for ids, scores, hits in zip(self.ids, self.scores, self.hits):
+            n = len(ids)
+            out.extend(merge_rows(ids, scores, [self.k] * n, [()] * n, hits if bonus else None, bonus))
+        return out
+
+    def spread(self) -> float:
+        """Mean over users of their first minus k-th score with no bonus: the bonus's unit."""
+        gaps = [r.scores[0] - r.scores[-1] for r in self.lists() if len(r.scores) == self.k]
+        return float(np.mean(gaps)) if gaps else 0.0
+
+
+def recall_users(config: dict[str, Any], dm, model, reader, index, k: int, progress: bool = True,
+                 workers: int | None = None, with_history: bool = False) -> Recalled:
+    """Fill ``index`` with the model's items (it must be empty or disposable: the caller checks)
+    and search every user of ``reader`` for ``k`` items per interest."""
     t0 = time.perf_counter()
     ids, vecs = indexed_items(dm, model)
     tower = user_tower(dm, model)
-    k = max(top_n, 20)
     batch_size = int(config.get("runner.infer_batch_size", 256) or 256)
     # Every vector changes between checkpoints: a fresh collection is faster to fill and to
     # search than one whose rows were all replaced, and holds nothing but this checkpoint's items.
     # A server flushes, indexes and loads it for seconds: the interests are computed meanwhile.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="refill") as filler:
         filled = filler.submit(contextvars.copy_context().run, index.refill, ids, vecs)
-        batches, truths = interests_of(tower, reader, batch_size, progress)
+        batches, histories, truths = user_batches(tower, reader, batch_size, progress)
         filled.result()
     t1 = time.perf_counter()
+
+    def search(interests: np.ndarray, hist: list[list[int]]):
+        found = index.search_vectors(interests.reshape(-1, interests.shape[-1]), k)
+        hits = history_hits(index, interests, hist) if with_history else None
+        n = len(interests)
+        return found[0].reshape(n, -1), found[1].reshape(n, -1), hits
+
     # Milvus: two searches in flight, so one batch's merge overlaps the other's search. Exact numpy
     # search is CPU-bound here: one worker is faster (3.4 s against 3.9 s for the amazon-book-1m
     # validation users) and holds less memory.
     if workers is None:
         workers = 1 if isinstance(index, ExactIndex) else 2
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recall") as pool:
-        pending = [pool.submit(recall_top_k, index, interests, k) for interests in batches]
-        recalled = [r.ids for f in pending for r in f.result()]
-    t2 = time.perf_counter()
-    scores = score_users(recalled, truths, cutoffs_for(top_n), paddlerec_metrics)
+        done = [f.result() for f in [pool.submit(search, b, h) for b, h in zip(batches, histories)]]
     logger.log(logging.INFO if progress else logging.DEBUG,
-               "%d items indexed (and interests computed) in %.2f s; %d users recalled in %.2f s; "
-               "scored in %.2f s",
-               len(ids), t1 - t0, len(truths), t2 - t1, time.perf_counter() - t2)
-    return scores, len(truths)
+               "%d items indexed (and interests computed) in %.2f s; %d users searched in %.2f s",
+               len(ids), t1 - t0, len(truths), time.perf_counter() - t1)
+    return Recalled(k, [d[0] for d in done], [d[1] for d in done], [d[2] for d in done], truths)
+
+
+def score_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: int,
+                     paddlerec_metrics: bool = False, progress: bool = True,
+                     workers: int | None = None, history_bonus: float = 0.0
+                     ) -> tuple[dict[str, float], int]:
+    """Recall every user of ``reader`` through ``index`` (filled with the model's items; see
+    ``recall_users``), ranking their own history items ``history_bonus`` higher, and score them;
+    returns (metrics, users)."""
+    rec = recall_users(config, dm, model, reader, index, max(top_n, 20), progress, workers,
+                       with_history=history_bonus > 0)
+    t0 = time.perf_counter()
+    recalled = [r.ids for r in rec.lists(history_bonus)]
+    scores = score_users(recalled, rec.truths, cutoffs_for(top_n), paddlerec_metrics)
+    logger.log(logging.INFO if progress else logging.DEBUG, "%d users merged and scored in %.2f s%s",
+               len(recalled), time.perf_counter() - t0,
+               f" (history bonus {history_bonus:.4g})" if history_bonus else "")
+    return scores, len(recalled)
+
+
+@dataclass
+class BonusChoice:
+    bonus: float  # in score units: what recall adds to a history item's score
+    value: float  # the metric at that bonus
+    metrics: dict[str, float]
+    tried: dict[float, float] = field(default_factory=dict)  # step (in spreads) -> metric
+
+
+def choose_history_bonus(config: dict[str, Any], dm, model, reader, index, top_n: int, metric: str,
+                         progress: bool = False) -> BonusChoice:
+    """Score the users at each bonus of ``BONUS_STEPS`` (one search) and keep the best by
+    ``metric`` (the smaller bonus on a tie): users who click their own items again get them back."""
+    rec = recall_users(config, dm, model, reader, index, max(top_n, 20), progress, with_history=True)
+    unit = rec.spread()
+    best: BonusChoice | None = None
+    tried: dict[float, float] = {}
+    for step in BONUS_STEPS:
+        if step and unit <= 0:
+            break
+        metrics = score_users([r.ids for r in rec.lists(step * unit)], rec.truths, cutoffs_for(top_n))
+        tried[step] = metrics[metric]
+        if best is None or metrics[metric] > best.value:
+            best = BonusChoice(step * unit, metrics[metric], metrics)
+    assert best is not None
+    best.tried = tried
+    return best
 
 
 def most_popular(config: dict[str, Any], n: int) -> list[int]:

@@ -451,7 +451,8 @@ class RecallService:
 
     def _search_rows(self, v: ModelVersion, interests: np.ndarray, top_ks: Sequence[int],
                      excludes: Sequence[set[int]] | None, filter: str | None,
-                     deadline: float) -> list[UserRecall]:
+                     deadline: float, histories: Sequence[Sequence[int]] | None = None
+                     ) -> list[UserRecall]:
         """One Milvus search for these rows (of one or many requests), by ``deadline``.
 
         A failure is typed: ``MilvusUnavailable`` (down, restarting: the index reconnects, and a
@@ -467,7 +468,8 @@ class RecallService:
                 index = None
                 try:
                     index = v.index()
-                    results = recall_rows(index, interests, top_ks, excludes, filter)
+                    results = recall_rows(index, interests, top_ks, excludes, filter, histories,
+                                          v.manifest.history_bonus if histories is not None else 0.0)
                     if not all(r.ids for r in results):
                         self._explain_empty(v, filtered=bool(filter))
                     return results
@@ -554,7 +556,8 @@ class RecallService:
                 top_ks = [jobs[i].top_k for i in members for _ in range(jobs[i].users)]
                 excludes = [e for i in members for e in jobs[i].excludes]
                 results = self._search_rows(v, vecs, top_ks, excludes, filter,
-                                            max(jobs[i].deadline for i in members))
+                                            max(jobs[i].deadline for i in members),
+                                            self._boosted(v, jobs, members))
             except CollectionUnavailable as exc:
                 newer = self.refresh()
                 redone = self._redo_on(newer, v, [jobs[i] for i in members]) \
@@ -574,6 +577,20 @@ class RecallService:
                     notes.append(f"filter left fewer than top_k={job.top_k} items for rows {short[:20]}")
                 out[i] = RecallAnswer([u.ids for u in mine], [u.scores for u in mine], notes, name)
         return out
+
+    @staticmethod
+    def _boosted(v: ModelVersion, jobs: Sequence[RecallJob], members: Sequence[int]
+                 ) -> list[list[int]] | None:
+        """Per row, the history items the model's history bonus raises (raw ids, as the tower saw
+        them: the latest maxlen); none for a row that leaves its history out."""
+        if not v.manifest.history_bonus:
+            return None
+        rows = []
+        for i in members:
+            job = jobs[i]
+            for row, n, leave_out in zip(job.hist, job.seq_len, job.excludes):
+                rows.append([] if leave_out else v.raw_ids[row[:n]].tolist())
+        return rows
 
     def _redo_on(self, newer: ModelVersion, old: ModelVersion, jobs: Sequence[RecallJob]
                  ) -> list[RecallAnswer | BaseException]:

@@ -33,6 +33,9 @@ class Manifest:
     physical_collection: str  # the collection that holds exactly this version's vectors
     model_file: str
     params_file: str
+    # added to the scores of a request's own history items (recall.history_bonus; 0 = off).
+    # Optional in the file: exports made before it have none.
+    history_bonus: float = 0.0
 
     @classmethod
     def load(cls, export_dir: str) -> Manifest:
@@ -44,7 +47,11 @@ class Manifest:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            optional = {"history_bonus"}
+            out = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k not in optional or k in data})
+            if not (isinstance(out.history_bonus, (int, float)) and out.history_bonus >= 0):
+                raise ValueError(f"history_bonus {out.history_bonus!r} must be a number >= 0")
+            return out
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: not a manifest written by `paddlerec-milvus export` "
                               f"({type(exc).__name__}: {exc})") from None

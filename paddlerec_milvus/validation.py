@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .checkpoint import BEST_FILE
+from .config import history_bonus_setting
 from .errors import ConfigError
 from .model_dir import create_reader, data_files
 from .recall import ExactIndex
-from .scoring import score_checkpoint, score_popularity
+from .scoring import choose_history_bonus, score_checkpoint, score_popularity
 
 logger = logging.getLogger(__name__)
 _METRIC = re.compile(r"^(Recall|NDCG|HitRate)@([1-9][0-9]*)$")
@@ -32,10 +33,14 @@ class BestEpoch:
     value: float = float("-inf")
     history: dict[int, float] = field(default_factory=dict)
     popular: float | None = None  # most-popular's score on the same users
+    # recall.history_bonus: auto -> the bonus chosen per epoch (score units), read by infer/export
+    history_bonus: dict[int, float] = field(default_factory=dict)
 
 
 class Validator:
     """Scores a model on the validation users with exact search (no Milvus needed)."""
+
+    chosen_bonus: float | None = None  # by the last score(), with recall.history_bonus auto
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -63,13 +68,26 @@ class Validator:
         return bool(config.get("runner.valid_data_dir"))
 
     def score(self, dm, model) -> float:
+        """The epoch's validation score (at the history bonus it chooses, with ``auto``)."""
         dim = int(self.config.get("hyper_parameters.embedding_dim", 64))
+        setting = history_bonus_setting(self.config)
+        self.chosen_bonus = None
+        if setting == "auto":
+            choice = choose_history_bonus(self.config, dm, model, self.reader, ExactIndex(dim),
+                                          self.top_n, self.metric)
+            self.chosen_bonus = choice.bonus
+            logger.info("history bonus: %s by spreads of the top-%d scores -> %s", "  ".join(
+                f"{step:g}: {v:.5f}" for step, v in choice.tried.items()), self.top_n,
+                f"{choice.bonus:.4g}" if choice.bonus else "off")
+            return choice.value
         metrics, _ = score_checkpoint(self.config, dm, model, self.reader, ExactIndex(dim),
-                                      self.top_n, progress=False)
+                                      self.top_n, progress=False, history_bonus=float(setting))
         return metrics[self.metric]
 
     def update(self, epoch: int, value: float) -> bool:
         """Record ``epoch``'s score; True when training should stop."""
+        if self.chosen_bonus is not None:
+            self.best.history_bonus[epoch] = float(self.chosen_bonus)
         self._record(epoch, value)
         logger.info("epoch %d: valid %s %.5f (best %.5f at epoch %d; most-popular %.5f)", epoch,
                     self.metric, value, self.best.value, self.best.epoch, self.popular)
@@ -93,6 +111,8 @@ class Validator:
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
             history = {int(e): float(v) for e, v in saved["history"].items() if int(e) < start_epoch}
+            bonus = {int(e): float(v) for e, v in (saved.get("history_bonus") or {}).items()
+                     if int(e) < start_epoch}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
         if saved.get("metric") != self.metric:
@@ -101,6 +121,7 @@ class Validator:
             return
         for epoch in sorted(history):
             self._record(epoch, history[epoch])
+        self.best.history_bonus.update(bonus)
 
     def _record(self, epoch: int, value: float) -> None:
         self.best.history[epoch] = value
