@@ -1,5 +1,5 @@
 """How much recall a user's own history holds: the share of eval items that are repeat clicks, and
-Recall@50 when history items get a score bonus (issue 14's lead; an analysis, not yet a recall option).
+Recall@50 when history items get a score bonus (the analysis behind ``recall.history_bonus``).
 
     python -m benchmarks.repeat_clicks yoochoose_clicks_100k RUN_DIR [--betas 0 1 2 4 inf]
 

@@ -8,6 +8,7 @@ import contextvars
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from .metrics import hitrate_at_n, ndcg_at_n, paddlerec_ndcg_at_n, recall_at_n
 from .model_dir import create_reader, data_files
-from .recall import ExactIndex, HistoryHits, UserRecall, history_hits, merge_rows
+from .recall import ExactIndex, HistoryHits, UserRecall, history_hits, merge_interest_hits, merge_rows
 from .towers import indexed_items, user_interests, user_tower
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,44 @@ class Recalled:
             out.extend(merge_rows(ids, scores, [self.k] * n, [()] * n, hits if bonus else None, bonus))
         return out
 
-    def spread(self) -> float:
-        """Mean over users of their first minus k-th score with no bonus: the bonus's unit."""
-        gaps = [r.scores[0] - r.scores[-1] for r in self.lists() if len(r.scores) == self.k]
-        return float(np.mean(gaps)) if gaps else 0.0
+    def boosted_top(self, steps: Sequence[float]) -> Iterator[tuple[float, np.ndarray]]:
+        """Per step (in units of the users' mean first-minus-k-th score with no bonus), the bonus
+        and every user's top-k ids at it ([users, k],
+        0 = none), as ``lists`` ranks them, with one merge per user for all the steps: the plain
+        list (k + |history| long, history items taken out) and the scored history items, padded
+        into matrices and re-ranked per step."""
+        cand_ids, cand_scores, hist_ids, hist_scores, gaps = [], [], [], [], []
+        for ids, scores, hits in zip(self.ids, self.scores, self.hits):
+            for u in range(len(ids)):
+                h_ids, h_scores = hits[u] if hits is not None else (np.empty(0, np.int64), np.empty(0))
+                plain = merge_interest_hits(ids[u], scores[u], self.k + len(h_ids))
+                if len(plain.scores) >= self.k:
+                    gaps.append(plain.scores[0] - plain.scores[self.k - 1])
+                keep = ~np.isin(plain.ids, h_ids)
+                cand_ids.append(np.asarray(plain.ids, dtype=np.int64)[keep][:self.k])
+                cand_scores.append(np.asarray(plain.scores, dtype=np.float64)[keep][:self.k])
+                hist_ids.append(np.asarray(h_ids, dtype=np.int64))
+                hist_scores.append(np.asarray(h_scores, dtype=np.float64))
+        ids = np.concatenate([_pad(cand_ids, 0), _pad(hist_ids, 0)], axis=1)
+        c_scores, h_scores = _pad(cand_scores, -np.inf), _pad(hist_scores, -np.inf)
+        unit = float(np.mean(gaps)) if gaps else 0.0
+        for step in steps:
+            if step and unit <= 0:
+                return
+            bonus = step * unit
+            scores = np.concatenate([c_scores, h_scores + bonus], axis=1)
+            order = np.lexsort((ids, -scores), axis=1)[:, :self.k]
+            top = np.take_along_axis(ids, order, axis=1)
+            top[np.isneginf(np.take_along_axis(scores, order, axis=1))] = 0
+            yield bonus, top
+
+
+def _pad(rows: list[np.ndarray], fill: float) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), fill, dtype=np.int64 if fill == 0 else np.float64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def recall_users(config: dict[str, Any], dm, model, reader, index, k: int, progress: bool = True,
@@ -162,19 +197,18 @@ def choose_history_bonus(config: dict[str, Any], dm, model, reader, index, top_n
     """Score the users at each bonus of ``BONUS_STEPS`` (one search) and keep the best by
     ``metric`` (the smaller bonus on a tie): users who click their own items again get them back."""
     rec = recall_users(config, dm, model, reader, index, max(top_n, 20), progress, with_history=True)
-    unit = rec.spread()
-    best: BonusChoice | None = None
+    name, n = metric.split("@")
+    fn = {"Recall": recall_at_n, "NDCG": ndcg_at_n, "HitRate": hitrate_at_n}[name]
     tried: dict[float, float] = {}
-    for step in BONUS_STEPS:
-        if step and unit <= 0:
-            break
-        metrics = score_users([r.ids for r in rec.lists(step * unit)], rec.truths, cutoffs_for(top_n))
-        tried[step] = metrics[metric]
-        if best is None or metrics[metric] > best.value:
-            best = BonusChoice(step * unit, metrics[metric], metrics)
-    assert best is not None
-    best.tried = tried
-    return best
+    best_bonus, best_value, best_top = 0.0, float("-inf"), None
+    for step, (bonus, top) in zip(BONUS_STEPS, rec.boosted_top(BONUS_STEPS)):
+        value = float(np.mean([fn(row[row > 0].tolist(), t, int(n)) for row, t in zip(top, rec.truths)])) \
+            if rec.truths else 0.0
+        tried[step] = value
+        if value > best_value:  # ties keep the smaller bonus
+            best_bonus, best_value, best_top = bonus, value, top
+    metrics = score_users([row[row > 0].tolist() for row in best_top], rec.truths, cutoffs_for(top_n))
+    return BonusChoice(best_bonus, best_value, metrics, tried)
 
 
 def most_popular(config: dict[str, Any], n: int) -> list[int]:

@@ -164,3 +164,28 @@ def test_service_applies_the_exported_bonus(trained_demo, tmp_path):
         assert lifted > 0  # the bonus brought history items in
     finally:
         svc.close()
+
+
+def test_bonus_grid_ranks_as_the_merge_does():
+    """Validation tries every bonus step from one set of matrices; each step's lists must be the
+    ones the recall core (and so infer.py and the services) would answer at that bonus."""
+    from paddlerec_milvus.recall import history_hits
+    from paddlerec_milvus.scoring import BONUS_STEPS, Recalled
+
+    rng = np.random.default_rng(8)
+    n_items, dim, k = 500, 8, 20
+    index = ExactIndex(dim)
+    index.upsert(np.arange(1, n_items + 1), rng.normal(size=(n_items, dim)).astype(np.float32))
+    batches = [rng.normal(size=(b, 4, dim)).astype(np.float32) for b in (7, 5)]
+    hists = [[rng.choice(np.arange(1, n_items + 1), size=rng.integers(1, 25), replace=False).tolist()
+              for _ in range(len(b))] for b in batches]
+    found = [index.search_vectors(b.reshape(-1, dim), k) for b in batches]
+    rec = Recalled(k, [f[0].reshape(len(b), -1) for f, b in zip(found, batches)],
+                   [f[1].reshape(len(b), -1) for f, b in zip(found, batches)],
+                   [history_hits(index, b, h) for b, h in zip(batches, hists)], [[1]] * 12)
+    seen = []
+    for bonus, top in rec.boosted_top(BONUS_STEPS):
+        want = [r.ids for r in rec.lists(bonus)]
+        assert [row[row > 0].tolist() for row in top] == want, bonus
+        seen.append(bonus)
+    assert seen[0] == 0 and len(seen) == len(BONUS_STEPS) and seen == sorted(seen) and seen[1] > 0
