@@ -51,6 +51,7 @@ import threading
 import time
 from importlib.util import find_spec
 
+from .atomic_file import write_atomically
 from .errors import MilvusIndexError
 
 logger = logging.getLogger(__name__)
@@ -396,9 +397,7 @@ class MilvusServer:
                                        "write {} to start with Milvus's defaults") from None
         fresh = not os.path.exists(os.path.join(self.data_dir, "data"))
         settings = dict(FAST_HANDOFF) if fresh else {}
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, lambda f: json.dump(settings, f, indent=2))
         return settings
 
     def start(self) -> MilvusServer:

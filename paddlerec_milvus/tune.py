@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .atomic_file import write_atomically
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -124,12 +125,12 @@ def write_best_config(config_path: str, params: dict[str, Any], path: str) -> st
         tree = yaml.safe_load(f) or {}
     for key, value in params.items():
         _set_nested(tree, key, value)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    def write(f) -> None:
         f.write(f"{HEADER} from {config_path}: its settings with the best\n"
                 "# trial's (chosen on the validation split).\n")
         yaml.safe_dump(tree, f, sort_keys=False)
-    os.replace(tmp, path)
+
+    write_atomically(path, write)
     return path
 
 

@@ -11,10 +11,10 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .atomic_file import write_atomically
 from .checkpoint import BEST_FILE
 from .config import history_bonus_setting
 from .errors import ConfigError
@@ -134,9 +134,6 @@ class Validator:
         """Write ``best.json`` atomically next to the epoch folders."""
         self.best.popular = self.popular
         os.makedirs(save_path, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".best.", dir=save_path)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(self.best), f, indent=2)
         path = os.path.join(save_path, BEST_FILE)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: json.dump(asdict(self.best), f, indent=2))
         return path
