@@ -2,6 +2,7 @@
 path, and chosen on the validation split (recall.history_bonus: auto)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,10 @@ def test_milvus_scores_history_from_the_collection(milvus_uri):
     # deleted from the collection: not recalled through the bonus either
     gone = histories[0][0]
     idx.delete([gone])
+    deadline = time.monotonic() + 20  # a server applies a delete asynchronously
+    while len(idx.vectors_of([gone])[0]) or gone in idx.search(vecs[None, gone - 1], 20)[0].ids:
+        assert time.monotonic() < deadline, "Milvus never applied the delete"
+        time.sleep(0.2)
     again = recall_rows(idx, interests[:1], 20, None, None, histories[:1], 100.0)[0]
     assert gone not in again.ids and len(again.ids) == 20
     idx.drop()
