@@ -55,7 +55,8 @@ KNOWN_KEYS = frozenset({
     "runner.sync_mode", "runner.split_file_list", "runner.geo_step",
     # hyper_parameters of MIND (models/mind/dygraph_model.py, net.py, the readers)
     "hyper_parameters.optimizer.class", "hyper_parameters.optimizer.learning_rate",
-    "hyper_parameters.optimizer.lazy_mode",
+    "hyper_parameters.optimizer.lazy_mode", "hyper_parameters.optimizer.decay",
+    "hyper_parameters.optimizer.warmup_steps", "hyper_parameters.optimizer.min_lr_ratio",
     "hyper_parameters.item_count", "hyper_parameters.embedding_dim", "hyper_parameters.hidden_size",
     "hyper_parameters.neg_samples", "hyper_parameters.maxlen", "hyper_parameters.pow_p",
     "hyper_parameters.capsual.iters", "hyper_parameters.capsual.max_k",

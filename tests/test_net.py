@@ -211,3 +211,31 @@ def test_uniform_sampler_draws_every_id_alike_and_corrects_by_a_constant():
     assert type(multi_interest.make_sampler({}, 50)).__name__ == "LogUniformSampler"
     with pytest.raises(ValueError, match="negative_sampler must be one of"):
         multi_interest.make_sampler({"hyper_parameters.negative_sampler": "zipf"}, 50)
+
+
+def test_cosine_decay_steps_with_the_optimizer_and_resumes():
+    """decay: cosine moves once per optimizer step (no trainer has to call the scheduler), ends at
+    lr x min_lr_ratio, and its position travels in the optimizer's state."""
+    cfg = {"hyper_parameters.optimizer.decay": "cosine", "runner.epochs": 2, "runner.batches_per_epoch": 5,
+           "hyper_parameters.optimizer.warmup_steps": 2}
+    lin = paddle.nn.Linear(2, 1)
+    opt = multi_interest.ScheduledAdam(learning_rate=multi_interest.lr_schedule(cfg, 0.01),
+                                       parameters=lin.parameters())
+    rates = []
+    for _ in range(10):
+        lin(paddle.ones([1, 2])).sum().backward()
+        rates.append(opt.get_lr())
+        opt.step()
+        opt.clear_grad()
+    assert rates[:3] == pytest.approx([0.0, 0.005, 0.01])  # warm-up
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))  # then falling
+    assert opt.get_lr() == pytest.approx(0.001)  # 10 steps = epochs x batches: lr x 0.1
+    again = multi_interest.ScheduledAdam(learning_rate=multi_interest.lr_schedule(cfg, 0.01),
+                                         parameters=lin.parameters())
+    again.set_state_dict(opt.state_dict())
+    assert again.get_lr() == pytest.approx(opt.get_lr())
+    assert multi_interest.lr_schedule({}, 0.01) is None  # default: constant rate, plain Adam
+    with pytest.raises(ValueError, match="decay = 'linear'"):
+        multi_interest.lr_schedule({"hyper_parameters.optimizer.decay": "linear"}, 0.01)
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        multi_interest.lr_schedule({"hyper_parameters.optimizer.decay": "cosine"}, 0.01)

@@ -245,6 +245,41 @@ def check_sizes(config):
     return item_count, embedding_dim
 
 
+def lr_schedule(config, lr):
+    """``hyper_parameters.optimizer.decay: cosine``: the rate falls from ``lr`` to
+    ``lr x min_lr_ratio`` (default 0.1) over runner.epochs x runner.batches_per_epoch steps, after
+    ``warmup_steps`` of linear warm-up from 0. ``none`` (default): a constant rate."""
+    decay = str(config.get("hyper_parameters.optimizer.decay") or "none").lower()
+    warmup = int(config.get("hyper_parameters.optimizer.warmup_steps") or 0)
+    if decay not in ("none", "cosine"):
+        raise ValueError(f"hyper_parameters.optimizer.decay = {decay!r}: expected none or cosine")
+    if warmup < 0:
+        raise ValueError(f"hyper_parameters.optimizer.warmup_steps must be >= 0, got {warmup}")
+    if decay == "none" and not warmup:
+        return None
+    schedule = lr
+    if decay == "cosine":
+        per_epoch = config.get("runner.batches_per_epoch")
+        if not per_epoch:
+            raise ValueError("hyper_parameters.optimizer.decay: cosine needs runner.batches_per_epoch "
+                             "(the schedule's length is epochs x batches_per_epoch)")
+        total = max(1, int(config.get("runner.epochs", 1)) * int(per_epoch) - warmup)
+        ratio = float(config.get("hyper_parameters.optimizer.min_lr_ratio", 0.1))
+        schedule = paddle.optimizer.lr.CosineAnnealingDecay(lr, T_max=total, eta_min=lr * ratio)
+    if warmup:
+        schedule = paddle.optimizer.lr.LinearWarmup(schedule, warmup, 0.0, lr)
+    return schedule
+
+
+class ScheduledAdam(paddle.optimizer.Adam):
+    """Adam whose learning-rate schedule moves one step per optimizer step, so it decays under any
+    training loop (PaddleRec's tools/trainer.py never calls a scheduler's step())."""
+
+    def step(self):
+        super().step()
+        self._learning_rate.step()
+
+
 class DygraphModelBase:
     """The PaddleRec model-zoo interface every model here shares; a model's ``dygraph_model.py``
     subclasses it as ``DygraphModel`` and adds ``create_model`` (its network and its keys)."""
@@ -283,9 +318,10 @@ class DygraphModelBase:
         # lazy_mode: Adam touches only the embedding rows a batch used (sparse gradients);
         # False updates every row each step (momentum keeps moving rows not in the batch).
         lazy = config.get("hyper_parameters.optimizer.lazy_mode", True)
-        return paddle.optimizer.Adam(
-            learning_rate=lr, parameters=dy_model.parameters(), lazy_mode=lazy
-        )
+        schedule = lr_schedule(config, lr)
+        if schedule is None:
+            return paddle.optimizer.Adam(learning_rate=lr, parameters=dy_model.parameters(), lazy_mode=lazy)
+        return ScheduledAdam(learning_rate=schedule, parameters=dy_model.parameters(), lazy_mode=lazy)
 
     # The two towers: the only parts of a model that evaluation, validation, export and serving use
     # (docs/design.md, "Model hooks").
