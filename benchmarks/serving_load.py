@@ -51,7 +51,8 @@ MODES = ("unbatched", "batched")
 CATALOGUES = ("demo", "book")
 BACKENDS = ("lite", "server")
 GEN_PROCESSES = 2  # generator processes of the gRPC closed loop (c > 1) and of every open loop
-PIPELINE_THREADS = 64  # worker_num and the concurrency of both Ops, in both modes
+PIPELINE_THREADS = 64  # worker_num (gRPC threads), in both modes
+OP_CONCURRENCY = 2  # threads per Op, in both modes (each takes every queued request at once)
 BOOK_BUDGET = ["runner.epochs=1", "runner.batches_per_epoch=1000"]
 PB_ENV = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
 
@@ -210,8 +211,8 @@ def rpc_target(exp: dict[str, str], mode: str, work: str) -> Iterator[str]:
     limits, _ = limits_config(mode)
     conf = {"host": "127.0.0.1", "rpc_port": free_port(), "http_port": None,
             "worker_num": PIPELINE_THREADS, "log_dir": os.path.join(work, f"serving-logs-{mode}"),
-            "op": {"user_tower": {"concurrency": PIPELINE_THREADS},
-                   "recall": {"concurrency": PIPELINE_THREADS}},
+            "op": {"user_tower": {"concurrency": OP_CONCURRENCY},
+                   "recall": {"concurrency": OP_CONCURRENCY}},
             "recall": {"export_dir": exp["export_dir"], "milvus_uri": exp["uri"],
                        "collection": exp["collection"], **limits}}
     path = os.path.join(work, f"serving-{mode}.yml")
@@ -632,8 +633,9 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
         "batched/unbatched p50 ratios (`..._sequential`: the closed-loop levels' ratio, measured minutes "
         "apart).",
         "Targets: REST = `uvicorn serving.main:app` (one worker); RPC = `paddlerec-milvus serve` in thread "
-        f"mode with worker_num {PIPELINE_THREADS} and Op concurrency {PIPELINE_THREADS} + "
-        f"{PIPELINE_THREADS} in both modes (in the batched mode those threads wait in the batcher). "
+        f"mode with worker_num {PIPELINE_THREADS} and Op concurrency {OP_CONCURRENCY} + "
+        f"{OP_CONCURRENCY} in both modes (each Op thread takes every queued request at once: batch_size "
+        "batch_max_users batched, 1 unbatched). "
         "Unbatched: `PADDLEREC_MILVUS_BATCH_MAX_USERS=0` / `recall.batch_max_users: 0`; batched: the "
         "defaults. In-process = `RecallService.recall` from threads in one process (protobuf upb), "
         "unbatched.",

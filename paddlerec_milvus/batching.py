@@ -124,10 +124,74 @@ class MicroBatcher(Generic[J, R]):
             raise result
         return result
 
-    def _account(self, took: float, cpu: float, users: int, jobs: int, inline: bool = False) -> None:
+    def call_many(self, jobs: Sequence[J], users: Sequence[int], deadlines: Sequence[float]
+                  ) -> list[R | BaseException]:
+        """For a caller that already holds a batch (a pipeline Op fed by Paddle Serving's op
+        batching): one result or exception per job, in order. A job past its deadline is answered
+        ``DeadlineExceeded`` and not run; when the stage is idle the rest run here, in batches of
+        at most ``max_users``, else they queue with the others (admission as ``submit``)."""
+        out: list[Any] = [None] * len(jobs)
+        now = time.monotonic()
+        live = []
+        for i, deadline in enumerate(deadlines):
+            if deadline <= now:
+                out[i] = DeadlineExceeded(f"the request's deadline passed before the {self.name} stage; "
+                                          "it was not run")
+            else:
+                live.append(i)
+        with self._cond:
+            self.expired += len(jobs) - len(live)
+            alone = not self._queue and not self._running and not self._closed
+            if alone and live:
+                self._running += 1
+        if not live:
+            return out
+        if not alone:
+            futures: list[tuple[int, Future]] = []
+            for i in live:
+                try:
+                    futures.append((i, self.submit(jobs[i], users[i], deadlines[i])))
+                except Overloaded as exc:
+                    out[i] = exc
+            for i, future in futures:
+                try:
+                    out[i] = future.result(timeout=max(0.0, deadlines[i] - time.monotonic()) + 30.0)
+                except FuturesTimeout:
+                    out[i] = DeadlineExceeded(f"the request's deadline passed while it waited for the "
+                                              f"{self.name} stage")
+                except BaseException as exc:  # noqa: BLE001 - the job's own failure
+                    out[i] = exc
+            return out
+        chunks, chunk, size = [], [], 0
+        for i in live:
+            if chunk and size + users[i] > self.max_users:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(i)
+            size += users[i]
+        chunks.append(chunk)
+        for n, chunk in enumerate(chunks):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                results = list(self._run_batch([jobs[i] for i in chunk]))
+                if len(results) != len(chunk):
+                    raise RuntimeError(f"{self.name}: run_batch returned {len(results)} results "
+                                       f"for {len(chunk)} jobs")
+            except BaseException as exc:  # noqa: BLE001 - every job of the chunk gets it
+                results = [exc] * len(chunk)
+            self._account(time.perf_counter() - t0, time.thread_time() - c0,
+                          sum(users[i] for i in chunk), len(chunk), inline=True,
+                          still_running=n + 1 < len(chunks))
+            for i, r in zip(chunk, results):
+                out[i] = r
+        return out
+
+    def _account(self, took: float, cpu: float, users: int, jobs: int, inline: bool = False,
+                 still_running: bool = False) -> None:
         per_user = took / max(1, users)
         with self._cond:
-            self._running -= 1
+            if not still_running:
+                self._running -= 1
             self.busy_s += took
             self.cpu_s += cpu
             self._cost_per_user = per_user if not self.batches else \

@@ -668,6 +668,19 @@ class RecallService:
             raise result
         return result
 
+    def run_many(self, stage: str, jobs: Sequence[RecallJob]) -> list[Any]:
+        """A batch a caller already holds (a pipeline Op fed by Paddle Serving's op batching)
+        through one stage: one result or exception per job; jobs past their deadline are not run."""
+        if self.batching:
+            return self._batcher(stage).call_many(jobs, [j.users for j in jobs], [j.deadline for j in jobs])
+        out: list[Any] = []
+        for job in jobs:
+            try:
+                out.append(self._run(stage, job))
+            except Exception as exc:  # noqa: BLE001 - the job's own failure
+                out.append(exc)
+        return out
+
     def tower(self, job: RecallJob) -> RecallJob:
         """The user-tower stage (the pipeline's first Op): the job, with its interests."""
         return self._run("user tower", job)

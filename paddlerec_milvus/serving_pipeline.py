@@ -1,7 +1,7 @@
 """The Paddle Serving pipeline: user tower (Op 1) -> Milvus recall and merge (Op 2), over RPC and HTTP.
 
 Both Ops are thin shells over ``RecallService`` (the one recall core): ``user_tower`` validates a
-request (``service.prepare``) and runs ``service.tower``; ``recall`` runs ``service.finish`` (K
+request (``service.prepare``) and runs the tower stage; ``recall`` runs the search stage (K
 searches + merge) and encodes the answer. Paddle Serving passes string values, so requests and responses carry
 JSON strings:
 
@@ -14,12 +14,16 @@ A bad request answers ``err_no`` 51 with a message naming the problem; Milvus tr
 service reconnects on a later request); overload 54 (queue full, or the deadline passed before the
 request ran: retry later); anything else 53. The server keeps serving.
 
-Each Op micro-batches (``paddlerec_milvus.batching``): requests waiting in the Op's threads share
-one tower call and one Milvus search. Paddle Serving's own Op batching (``batch_size``,
-``auto_batching_timeout``) is not used: in 0.9 it batches only the ``process`` stage, which runs
-only for Ops with a local Paddle Serving model; it merges dict inputs by ``np.append`` of array
-values, keeping the first request's other values (top_k, filter); and it waits the whole timeout
-whenever fewer than ``batch_size`` requests are queued, so a lone request pays the window.
+Each Op batches with Paddle Serving's own op batching, mended for 0.9: an Op thread takes every
+request already queued in its channel (up to ``batch_size``, default ``recall.batch_max_users``;
+0.9's generator waits out ``auto_batching_timeout`` whenever fewer are queued, so a lone request
+would pay the window: ours never waits) and runs its stage once for all of them
+(``RecallService.run_many``: one tower call, one Milvus search per filter; a request past its
+deadline is not run). 0.9 itself batches only ``process``, which runs only for Ops with a local
+Paddle Serving model and merges inputs by ``np.append``; here ``process`` is that one stage call.
+Few Op threads are needed (default 2 per Op): every push into a channel wakes all threads
+waiting on it (``notify_all``), and with 16-64 threads per Op that herd cost more CPU than the
+requests (measured: 43 busy threads at one request in flight).
 
 Thread mode (the default) shares one ``RecallService`` between all Op threads: Milvus Lite opens
 a ``.db`` in one process only. Process modes (``dag.is_thread_op: false`` or
@@ -77,8 +81,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "log_dir": "../output/serving",
     "pipeline_log_level": "ERROR",
     "dag": {"is_thread_op": True, "retry": 1, "tracer": {"interval_s": -1}},
-    # Op threads wait for their micro-batch: as many as requests should share one
-    "op": {TOWER_OP: {"concurrency": 16}, RECALL_OP: {"concurrency": 16}},
+    # each Op thread takes every queued request at once (op batching): few threads are needed
+    "op": {TOWER_OP: {"concurrency": 2}, RECALL_OP: {"concurrency": 2}},
     "recall": {
         "export_dir": "../output/export",
         "milvus_uri": "",  # "" = the export's (manifest.json)
@@ -319,13 +323,17 @@ def _error(exc: BaseException) -> tuple[int, str]:
 @functools.cache
 def op_classes() -> tuple[type, type]:
     """(UserTowerOp, RecallOp), built on Paddle Serving's Op once the pipeline is importable."""
-    Op = compat.load_pipeline().Op
+    pipeline = compat.load_pipeline()
+    Op = pipeline.Op
+    from paddle_serving_server.pipeline.channel import ChannelTimeoutError
 
     class _ServiceOp(Op):
-        """An Op holding a RecallService: shared (thread mode) or built in its process."""
+        """An Op holding a RecallService (shared in thread mode, built in its process otherwise)
+        that runs its stage once per batch Paddle Serving's op batching hands it."""
 
         service: Any = None
         service_factory: Callable[[], Any] | None = None
+        stage = ""
 
         def init_op(self) -> None:
             if self.service is None and self.service_factory is not None:
@@ -336,32 +344,64 @@ def op_classes() -> tuple[type, type]:
             (_, data), = input_dicts.items()
             return data
 
+        def _auto_batching_generator(self, input_channel, op_name, batch_size, timeout, op_info_prefix):
+            """Every request already queued, up to ``batch_size``, without waiting for more (0.9's
+            waits out ``auto_batching_timeout`` whenever fewer are queued: a lone request would
+            pay the whole window). One blocking take, then takes that time out at once."""
+            while True:
+                batch = [input_channel.front(op_name)]
+                while len(batch) < batch_size:
+                    try:
+                        batch.append(input_channel.front(op_name, 1e-9))
+                    except ChannelTimeoutError:
+                        break
+                yield batch
+
+        def _run_process(self, preped_data_dict, op_info_prefix, skip_process_dict, logid_dict):
+            """The stage for the whole batch at once (0.9 runs ``process`` only for Ops with a
+            Paddle Serving model, and merges their inputs by ``np.append``): one tower call or one
+            Milvus search for every request, each request's own result or error."""
+            ids = list(preped_data_dict)
+            results = self.service.run_many(self.stage, [preped_data_dict[i]["job"] for i in ids])
+            return {i: {"result": r} for i, r in zip(ids, results)}, {}
+
     class UserTowerOp(_ServiceOp):
-        """Validate the request, run the user tower (micro-batched): raw ids -> [B, K, dim]."""
+        """Validate the request (``service.prepare``), then the user tower for the batch."""
+
+        stage = "user tower"
 
         def preprocess(self, input_dicts, data_id=0, log_id=0):
             try:
                 req = parse_request(self._one(input_dicts))
                 job = self.service.prepare(req.histories, req.top_k, req.exclude_history, req.filter,
                                            req.timeout_ms, arrival=req.arrival)
-                job = self.service.tower(job)
             except Exception as exc:
                 return (None, True, *_error(exc))
+            return ({"job": job}, False, None, "")
+
+        def postprocess(self, input_data, fetch_data, data_id=0, log_id=0):
+            job = fetch_data["result"]
+            if isinstance(job, BaseException):
+                return ({}, *_error(job))
             # the job carries its model version: the recall Op searches that export's vectors
-            return ({"job": job}, True, None, "")
+            return ({"job": job}, None, "")
 
     class RecallOp(_ServiceOp):
-        """K Milvus searches per user, merged (micro-batched); encode the answer."""
+        """K Milvus searches per user, merged, for the batch; encode each answer."""
+
+        stage = "search"
 
         def preprocess(self, input_dicts, data_id=0, log_id=0):
-            try:
-                ans = self.service.finish(self._one(input_dicts)["job"])
-            except Exception as exc:
-                return (None, True, *_error(exc))
+            return (self._one(input_dicts), False, None, "")
+
+        def postprocess(self, input_data, fetch_data, data_id=0, log_id=0):
+            ans = fetch_data["result"]
+            if isinstance(ans, BaseException):
+                return ({}, *_error(ans))
             return ({"items": json.dumps(ans.items),
                      "scores": json.dumps([[round(s, 6) for s in row] for row in ans.scores]),
                      "notes": json.dumps(ans.notes),
-                     "model_version": ans.model_version}, True, None, "")
+                     "model_version": ans.model_version}, None, "")
 
     return UserTowerOp, RecallOp
 
@@ -370,16 +410,22 @@ def build_dag(config: ServingConfig, service: Any = None) -> tuple[Any, list[Any
     """RequestOp -> user_tower -> recall -> ResponseOp; returns (ResponseOp, [the two Ops]).
 
     ``service``: the RecallService both Ops share (thread mode); None = each Op builds its own
-    from the config in ``init_op`` (process modes)."""
+    from the config in ``init_op`` (process modes). Each Op takes up to ``op.<name>.batch_size``
+    queued requests at once (default: ``recall.batch_max_users``; 1 when batching is off)."""
     pipeline = compat.load_pipeline()
     UserTowerOp, RecallOp = op_classes()
+    limits = config.recall["limits"]
+    batch = max(1, limits.batch_max_users)
     read = pipeline.RequestOp()
-    tower = UserTowerOp(name=TOWER_OP, input_ops=[read])
-    recall = RecallOp(name=RECALL_OP, input_ops=[tower])
-    for op in (tower, recall):
+    ops = []
+    for cls, name in ((UserTowerOp, TOWER_OP), (RecallOp, RECALL_OP)):
+        size = (config.pipeline["op"].get(name) or {}).get("batch_size") or batch
+        op = cls(name=name, input_ops=[ops[-1] if ops else read], batch_size=int(size),
+                 auto_batching_timeout=-1)
         op.service = service
         op.service_factory = functools.partial(make_service, config.recall)
-    return pipeline.ResponseOp(input_ops=[recall]), [tower, recall]
+        ops.append(op)
+    return pipeline.ResponseOp(input_ops=[ops[-1]]), ops
 
 
 # -- running it -----------------------------------------------------------------------------

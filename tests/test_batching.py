@@ -225,6 +225,42 @@ def test_call_runs_a_lone_job_in_the_callers_thread_and_queues_behind_a_running_
         b.close()
 
 
+def test_call_many_runs_a_held_batch_here_in_chunks_and_queues_behind_a_running_one():
+    rec = Recorder(fail=5)
+    threads: list[str] = []
+
+    def run(jobs):
+        threads.append(threading.current_thread().name)
+        return rec(jobs)
+
+    b = MicroBatcher("t", run, max_users=4, window_s=0.0)
+    try:
+        now = time.monotonic()
+        deadlines = [now + 10, now - 0.01, now + 10, now + 10, now + 10]
+        out = b.call_many([1, 2, 3, 4, 5], [2, 2, 1, 1, 1], deadlines)
+        assert out[0] == 10 and out[2] == 30 and out[3] == 40
+        assert isinstance(out[1], DeadlineExceeded)  # past its deadline: not run
+        assert isinstance(out[4], ValueError) and "bad 5" in str(out[4])  # fails alone
+        assert rec.batches == [[1, 3, 4], [5]]  # at most 4 users per run, in order
+        assert set(threads) == {threading.current_thread().name}  # idle stage: run here
+        stats = b.stats()
+        assert stats["expired"] == 1 and stats["inline"] == 2 and stats["jobs"] == 4
+        assert b.idle()
+        hold_first_batch(b, rec)  # busy: the held batch joins the queue and waits for its turn
+        got: list[object] = []
+        caller = threading.Thread(target=lambda: got.extend(
+            b.call_many([7, 8], [1, 1], [time.monotonic() + 10] * 2)))
+        caller.start()
+        time.sleep(0.2)
+        assert not got
+        rec.gate.set()
+        caller.join(5)
+        assert got == [70, 80]
+        assert rec.batches[-1] == [7, 8]
+    finally:
+        b.close()
+
+
 def test_limits_validate_the_batching_knobs():
     assert ServingLimits(batch_max_users=0).batch_max_users == 0  # 0 = unbatched
     with pytest.raises(Exception, match="queue_max_users"):
