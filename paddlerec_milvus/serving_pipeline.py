@@ -362,7 +362,11 @@ def op_classes() -> tuple[type, type]:
             Paddle Serving model, and merges their inputs by ``np.append``): one tower call or one
             Milvus search for every request, each request's own result or error."""
             ids = list(preped_data_dict)
-            results = self.service.run_many(self.stage, [preped_data_dict[i]["job"] for i in ids])
+            try:
+                results = self.service.run_many(self.stage, [preped_data_dict[i]["job"] for i in ids])
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the Op's thread
+                logger.exception("recall pipeline: the %s stage failed", self.stage)
+                results = [exc] * len(ids)
             return {i: {"result": r} for i, r in zip(ids, results)}, {}
 
     class UserTowerOp(_ServiceOp):
