@@ -267,7 +267,12 @@ class GrpcSender:
             reply = await self.call(self.requests[i % len(self.requests)], timeout=self.timeout)
         except self._grpc.aio.AioRpcError as exc:
             code = exc.code()
-            return "timeout" if code == self._grpc.StatusCode.DEADLINE_EXCEEDED else f"grpc:{code.name}"
+            if code == self._grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "timeout"
+            refused = "Concurrent RPC limit" in (exc.details() or "")
+            if code == self._grpc.StatusCode.RESOURCE_EXHAUSTED and refused:
+                return "err54"  # gRPC's own refusal past the server's thread limit: an overload answer
+            return f"grpc:{code.name}"
         finally:
             self.busy -= 1
         err = response_err_no(reply)

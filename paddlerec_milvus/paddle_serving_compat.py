@@ -69,6 +69,8 @@ _PIPELINE_LOGGER = "paddle_serving_server"
 _PRINTING_MODULES = ("pipeline_client", "operator", "pipeline_server", "dag", "error_catch", "analyse")
 GATEWAYS = ("python", "go")
 ERR_OVERLOADED = 54  # = serving_pipeline.ERR_OVERLOADED
+# gRPC's own refusal past ``maximum_concurrent_rpcs`` (RESOURCE_EXHAUSTED with these details)
+GRPC_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"
 ARRIVAL_KEY = "pipeline.arrival"  # added to each request: time.monotonic() when the servicer got it
 _load_lock = threading.Lock()
 
@@ -363,6 +365,12 @@ def checked_servicer_class() -> type:
     return CheckedPipelineServicer
 
 
+def is_concurrency_refusal(code: Any, details: str | None) -> bool:
+    """True for gRPC's refusal past ``maximum_concurrent_rpcs`` (an overload, answered as err_no 54),
+    as opposed to RESOURCE_EXHAUSTED for a message over the size limit (a bad request)."""
+    return getattr(code, "name", code) == "RESOURCE_EXHAUSTED" and GRPC_LIMIT_DETAILS in (details or "")
+
+
 def grpc_server_options(max_receive_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
     """A request over ``max_receive_bytes`` fails with RESOURCE_EXHAUSTED before it is read in
     full; answers are not limited (gRPC's default for sending)."""
@@ -557,8 +565,12 @@ class PipelineRunner:
                                        "gRPC's queue for a thread instead of being refused at once; "
                                        "set worker_num above max_inflight", self.max_inflight,
                                        conf["worker_num"], conf["worker_num"])
+                # past worker_num RPCs, gRPC refuses at once (RESOURCE_EXHAUSTED, before the
+                # request is read) instead of queueing it for a thread: a queued request's wait
+                # is not seen by any deadline, and under 2x load the queue grew to seconds
                 self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=conf["worker_num"]),
-                                         options=grpc_server_options(self.max_body_bytes))
+                                         options=grpc_server_options(self.max_body_bytes),
+                                         maximum_concurrent_rpcs=conf["worker_num"])
                 pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(self._servicer, self._grpc)
                 _add_port(self._grpc, bind)
                 self._grpc.start()

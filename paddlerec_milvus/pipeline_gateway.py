@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 ERR_BAD_REQUEST = 51  # = serving_pipeline.ERR_BAD_REQUEST (a test checks they agree)
 ERR_INTERNAL = 53  # = serving_pipeline.ERR_INTERNAL
+ERR_OVERLOADED = 54  # = serving_pipeline.ERR_OVERLOADED
+GRPC_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"  # = paddle_serving_compat.GRPC_LIMIT_DETAILS
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 30.0
 READY_PATH = "/-/ready"
@@ -348,6 +350,12 @@ class Gateway:
             resp = await next(self._calls)(request, timeout=self.rpc_timeout)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and GRPC_LIMIT_DETAILS in (exc.details() or ""):
+                # the gRPC server's thread limit: the same answer as the servicer's own refusal
+                await _send(send, 200, json.dumps({
+                    "err_no": ERR_OVERLOADED, "err_msg": "overloaded: every gRPC thread of the pipeline "
+                    "is busy; retry shortly"}).encode())
+                return
             status = {grpc.StatusCode.RESOURCE_EXHAUSTED: 413, grpc.StatusCode.UNAVAILABLE: 503,
                       grpc.StatusCode.DEADLINE_EXCEEDED: 504}.get(code, 502)
             message = f"pipeline gRPC server at {self.rpc_target}: {code.name}: {exc.details()}"

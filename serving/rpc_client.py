@@ -48,6 +48,9 @@ class RecallRpcClient:
         try:  # PipelineClient has no timeout of its own; its gRPC future does
             resp = future.call_future_.result(timeout=self.timeout)
         except grpc.RpcError as exc:
+            if compat.is_concurrency_refusal(exc.code(), exc.details()):  # every server thread busy
+                return {"err_no": compat.ERR_OVERLOADED, "err_msg": "overloaded: every gRPC thread of "
+                                                                  "the pipeline is busy; retry shortly"}
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # over the server's max_body_bytes
                 return {"err_no": ERR_BAD_REQUEST, "err_msg": f"bad request: too large for the server: "
                                                               f"{exc.details()}"}

@@ -64,13 +64,14 @@ for ours, theirs in zip(gw.messages(), (pb.Request, pb.Response, pb.Tensor)):
 svc = pb.DESCRIPTOR.services_by_name["PipelineService"]
 out["rpc"] = f"/{svc.full_name}/inference" == gw.RPC_METHOD
 out["errors"] = [gw.ERR_BAD_REQUEST == sp.ERR_BAD_REQUEST, gw.ERR_INTERNAL == sp.ERR_INTERNAL]
+out["overload"] = [gw.ERR_OVERLOADED == sp.ERR_OVERLOADED, gw.GRPC_LIMIT_DETAILS == compat.GRPC_LIMIT_DETAILS]
 print(json.dumps(out))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == 5 and all(v is True or v == [True, True] for v in out.values()), out
+    assert len(out) == 6 and all(v is True or v == [True, True] for v in out.values()), out
 
 
 @pytest.mark.slow

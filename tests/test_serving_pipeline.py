@@ -447,6 +447,51 @@ def test_a_full_queue_answers_err_no_54_and_the_pipeline_recovers(lite_export, l
         pipe.kill()
 
 
+def test_past_worker_num_grpc_refuses_at_once_as_err_no_54(lite_export, lite_ref, tmp_path):
+    """More concurrent RPCs than gRPC threads: the server refuses the extra ones itself
+    (maximum_concurrent_rpcs) instead of queueing them where no deadline sees them; the HTTP
+    gateway and the RPC client both answer that as err_no 54, and serving goes on."""
+    import json as _json
+
+    db = str(tmp_path / "items.db")
+    shutil.copy(lite_export["ref_uri"], db)
+    # max_inflight = worker_num: the servicer never refuses, so every refusal here is gRPC's
+    pipe = Pipeline(str(tmp_path / "serve"), lite_export["export_dir"], db, lite_export["collection"],
+                    worker_num=2, recall={"queue_max_users": 10000, "max_inflight": 2}).start()
+    try:
+        h = demo_histories(lite_export["export_dir"])[:1]
+        want = lite_ref.recall(h, 10)
+        body = {"key": ["hist_item", "top_k"], "value": [_json.dumps(h), "10"]}
+        lines = "".join(_json.dumps({"hist_item": h, "top_k": 10}) + "\n" for _ in range(25))
+        rpc = [subprocess.Popen([sys.executable, os.path.join(REPO, "serving", "rpc_client.py"),
+                                 "--endpoint", pipe.endpoint, "--stdin", "--timeout", "30"], env=ENV,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+               for _ in range(4)]
+        http = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "http_load_child.py"), pipe.url,
+                                 "16", "15"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        for p in rpc:
+            p.stdin.write(lines)
+            p.stdin.close()
+        out, err = http.communicate(_json.dumps([body]), timeout=300)
+        assert http.returncode == 0, err[-2000:]
+        answers = [a[3] for a in _json.loads(out)]
+        for p in rpc:
+            p.wait(300)
+            assert p.returncode == 0, p.stderr.read()[-2000:]
+            answers += [_json.loads(line) for line in p.stdout.read().splitlines()]
+        codes = [a.get("err_no") for a in answers]
+        assert 54 in codes and 0 in codes and set(codes) <= {0, 54}, codes
+        refused = [a["err_msg"] for a in answers if a["err_no"] == 54]
+        assert all("every gRPC thread of the pipeline is busy" in m for m in refused), refused[:3]
+        assert len(answers) == 16 * 15 + 4 * 25
+        assert_same_recall(recall_http(pipe.url, h, 10), want, "after the refusals")
+        assert "max_inflight 2 >= worker_num 2" in pipe.log_text()
+    finally:
+        pipe.kill()
+
+
 def test_a_killed_milvus_lite_child_is_restarted(lite_pipe, lite_ref, lite_export):
     hists = demo_histories(lite_export["export_dir"])[:2]
     want = lite_ref.recall(hists, 10)
