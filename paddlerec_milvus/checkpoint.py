@@ -10,7 +10,7 @@ import tempfile
 
 import paddle
 
-from .config import history_bonus_setting
+from .config import history_bonus_setting, history_len_setting
 from .errors import ConfigError
 
 BEST_FILE = "best.json"  # written by validation.Validator.save
@@ -155,7 +155,8 @@ def best_epoch(save_path: str) -> int | None:
 
 def history_bonus_for(config: dict, save_path: str, epoch: int) -> float:
     """The history bonus to rank ``epoch``'s recall with: ``recall.history_bonus`` when it is a
-    number, else (``auto``) the one validation chose for that epoch (``best.json``), else 0."""
+    number, else (``auto``) the one validation chose for that epoch (``best.json``; re-chosen
+    with the history length when ``recall.history_len: auto`` shortened it), else 0."""
     setting = history_bonus_setting(config)
     if setting != "auto":
         return float(setting)
@@ -164,7 +165,28 @@ def history_bonus_for(config: dict, save_path: str, epoch: int) -> float:
         return 0.0
     try:
         with open(path, encoding="utf-8") as f:
-            chosen = json.load(f).get("history_bonus") or {}
-        return float(chosen.get(str(epoch), 0.0))
+            best = json.load(f)
+        chosen = best.get("history_bonus") or {}
+        with_len = best.get("history_len_bonus") or {} if history_len_setting(config) == "auto" else {}
+        return float(with_len.get(str(epoch), chosen.get(str(epoch), 0.0)))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None
+
+
+def history_len_for(config: dict, save_path: str, epoch: int) -> int | None:
+    """How many latest clicks the tower reads for ``epoch``'s recall: ``recall.history_len`` when
+    it is a number, else (``auto``) the one validation chose for that epoch (``best.json``), else
+    None (all ``maxlen``)."""
+    setting = history_len_setting(config)
+    if setting != "auto":
+        return setting
+    path = os.path.join(save_path, BEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            chosen = json.load(f).get("history_len") or {}
+        n = chosen.get(str(epoch))
+        return int(n) if n else None
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: unreadable ({exc}); delete it or train again") from None

@@ -113,7 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"WARNING: the best epoch is no better than most-popular on validation "
                   f"({summary.valid_metric} {best:.5f} <= {summary.valid_popular:.5f})")
         print(f"best epoch by valid {summary.valid_metric}: {summary.best_epoch}"
-              + (" (stopped early)" if summary.stopped_early else ""))
+              + (" (stopped early)" if summary.stopped_early else "")
+              + (f"; the tower reads each user's latest {summary.history_len} clicks (recall.history_len)"
+                 if summary.history_len else ""))
     return 0
 
 

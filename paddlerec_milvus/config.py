@@ -73,7 +73,7 @@ KNOWN_KEYS = frozenset({
     "milvus.batch_size", "milvus.upsert_workers", "milvus.consistency_level",
     "milvus.scalar_fields", "milvus.timeout", "milvus.write_timeout", "milvus.profile", "milvus.profile_path",
     # recall: how the merged list is ranked (scoring.py, export's manifest)
-    "recall.history_bonus",
+    "recall.history_bonus", "recall.history_len",
     # set by load_config itself
     "config_abs_dir", "config_path",
 })
@@ -300,6 +300,28 @@ def history_bonus_setting(config: Mapping[str, Any]) -> float | str:
     return bonus
 
 
+HISTORY_LEN = "recall.history_len"
+
+
+def history_len_setting(config: Mapping[str, Any]) -> int | str | None:
+    """``recall.history_len``: how many of a user's latest clicks the user tower reads at recall
+    time; ``"auto"`` (chosen on the validation split for the chosen epoch), a number
+    1..``hyper_parameters.maxlen``, or absent / 0 = all ``maxlen`` (None)."""
+    value = config.get(HISTORY_LEN)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    maxlen = int(config.get("hyper_parameters.maxlen", 20) or 20)
+    n = value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, str) and value.strip().isdigit():
+        n = int(value.strip())
+    if n is None or not 0 <= n <= maxlen:
+        raise ConfigError(f"{HISTORY_LEN} = {value!r}: expected auto, 0 (all) or a whole number "
+                          f"1..hyper_parameters.maxlen ({maxlen})")
+    return n or None
+
+
 def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, Any]:
     """Load a YAML config as flat dotted keys, apply overrides, resolve relative paths."""
     config = _read_yaml(path)
@@ -316,6 +338,7 @@ def load_config(path: str, overrides: Iterable[str] | None = None) -> dict[str, 
             config[key] = resolve_path(config, config[key])
     _resolve_item_count(config)
     history_bonus_setting(config)
+    history_len_setting(config)
     return config
 
 

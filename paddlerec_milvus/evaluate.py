@@ -12,7 +12,7 @@ from typing import Any
 
 import paddle
 
-from .checkpoint import best_epoch, checkpoint_dir, history_bonus_for, load_checkpoint
+from .checkpoint import best_epoch, checkpoint_dir, history_bonus_for, history_len_for, load_checkpoint
 from .device import set_device
 from .errors import ConfigError
 from .milvus_index import SERVING_DESCRIPTION, ItemIndex
@@ -32,10 +32,13 @@ class EvalResult:
     engine: str
     metrics: dict[str, float] = field(default_factory=dict)
     history_bonus: float = 0.0  # added to the scores of a user's own history items
+    history_len: int | None = None  # latest clicks the tower read (None: all maxlen)
 
     def format_line(self) -> str:
         parts = [f"{k} {v:.5f}" for k, v in self.metrics.items()]
         bonus = f" | history bonus {self.history_bonus:.4g}" if self.history_bonus else ""
+        if self.history_len:
+            bonus += f" | latest {self.history_len} clicks"
         return (f"epoch {self.epoch}: " + "  ".join(parts)
                 + f"  | users {self.users}{bonus} | {self.seconds:.1f} s ({self.engine})")
 
@@ -96,9 +99,11 @@ def evaluate_epochs(config: dict[str, Any], top_n: int = 50, paddlerec_metrics: 
             load_checkpoint(model, folder)
             t0 = time.perf_counter()
             bonus = history_bonus_for(config, load_path, epoch)
+            length = history_len_for(config, load_path, epoch)
             metrics, users = score_checkpoint(config, dm, model, reader, index, top_n,
-                                              paddlerec_metrics, history_bonus=bonus)
-            res = EvalResult(epoch, top_n, users, time.perf_counter() - t0, engine, metrics, bonus)
+                                              paddlerec_metrics, history_bonus=bonus, history_len=length)
+            res = EvalResult(epoch, top_n, users, time.perf_counter() - t0, engine, metrics, bonus,
+                             length)
             out = os.path.join(folder, f"metrics_top{top_n}{'_exact' if exact else ''}.json")
             with open(out, "w", encoding="utf-8") as f:
                 json.dump(asdict(res), f, indent=2)

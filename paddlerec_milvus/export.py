@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .checkpoint import best_epoch, checkpoint_dir, history_bonus_for, latest_epoch, load_checkpoint
+from .checkpoint import (
+    best_epoch,
+    checkpoint_dir,
+    history_bonus_for,
+    history_len_for,
+    latest_epoch,
+    load_checkpoint,
+)
 from .config import resolve_path
 from .errors import ConfigError, DataError, MilvusIndexError
 from .milvus_index import SERVING_DESCRIPTION, ItemIndex, is_local_uri
@@ -173,7 +180,8 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
                 switched = True
             manifest = Manifest(version, epoch, dim, max_k, maxlen, item_count, written, uri, base,
                                 physical, model_file, params_file,
-                                history_bonus_for(config, load_path, epoch))
+                                history_bonus_for(config, load_path, epoch),
+                                history_len_for(config, load_path, epoch) or 0)
             with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
                 json.dump(asdict(manifest), f, indent=2)
             os.chmod(tmp, 0o755)
@@ -201,6 +209,9 @@ def export_model(config: dict[str, Any], output_dir: str, epoch: int | None = No
     finally:
         if index is not None:
             index.close()
+    if manifest.history_len:
+        logger.info("the user tower reads each user's latest %d clicks (recall.history_len)",
+                    manifest.history_len)
     if manifest.history_bonus:
         logger.info("recall ranks a user's own history items %.4g higher (recall.history_bonus)",
                     manifest.history_bonus)

@@ -202,3 +202,17 @@ class ExactIndex:
             ids[s:s + self.block_rows, :limit_eff] = np.take_along_axis(pid, order, axis=1)
             scores[s:s + self.block_rows, :limit_eff] = np.take_along_axis(ps, order, axis=1)
         return ids, scores
+
+
+def latest_clicks(hist: np.ndarray, seq_len: np.ndarray, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The same left-aligned padded histories cut to each row's latest ``n`` clicks (None: as
+    they are): what the tower reads with ``recall.history_len``."""
+    hist = np.asarray(hist, dtype=np.int64)
+    lens = np.asarray(seq_len, dtype=np.int64).reshape(-1)
+    if n is None or n >= hist.shape[1] or not (lens > n).any():
+        return hist, np.asarray(seq_len)
+    start = np.maximum(lens - n, 0)
+    cols = start[:, None] + np.arange(hist.shape[1])[None, :]
+    keep = np.arange(hist.shape[1])[None, :] < np.minimum(lens, n)[:, None]
+    out = np.where(keep, np.take_along_axis(hist, np.minimum(cols, hist.shape[1] - 1), axis=1), 0)
+    return out, np.minimum(lens, n).reshape(np.shape(seq_len)).astype(np.int64)

@@ -42,6 +42,7 @@ class TrainSummary:
     best_epoch: int | None = None
     valid_popular: float | None = None  # most-popular's validation score, the floor
     stopped_early: bool = False
+    history_len: int | None = None  # recall.history_len auto: the latest clicks chosen (None: all)
 
     @property
     def samples_per_s(self) -> float:
@@ -224,6 +225,8 @@ def train(config: dict[str, Any],
         if _agree_to_stop(stop, world):
             summary.stopped_early = True
             break
+    if validator is not None:
+        summary.history_len = validator.choose_history_len(dm, model, save_path)
     return summary
 
 

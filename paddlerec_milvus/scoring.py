@@ -18,7 +18,15 @@ from tqdm import tqdm
 
 from .metrics import hitrate_at_n, ndcg_at_n, paddlerec_ndcg_at_n, recall_at_n
 from .model_dir import create_reader, data_files
-from .recall import ExactIndex, HistoryHits, UserRecall, history_hits, merge_interest_hits, merge_rows
+from .recall import (
+    ExactIndex,
+    HistoryHits,
+    UserRecall,
+    history_hits,
+    latest_clicks,
+    merge_interest_hits,
+    merge_rows,
+)
 from .towers import indexed_items, user_interests, user_tower
 
 logger = logging.getLogger(__name__)
@@ -50,16 +58,17 @@ def interests_of(tower, reader, batch_size: int, progress: bool = True
     return batches, truths
 
 
-def user_batches(tower, reader, batch_size: int, progress: bool = True
+def user_batches(tower, reader, batch_size: int, progress: bool = True, history_len: int | None = None
                  ) -> tuple[list[np.ndarray], list[list[list[int]]], list[list[int]]]:
-    """Per batch of ``batch_size`` users: interests [B, K, D] and histories (the items the tower
-    saw); and every user's eval items, in order."""
+    """Per batch of ``batch_size`` users: interests [B, K, D] (from each user's latest
+    ``history_len`` clicks; None = all the reader gives) and histories (the reader's, up to
+    maxlen: what the history bonus raises); and every user's eval items, in order."""
     batches, histories, truths = [], [], []
     for _users, hist, seq_len, evals in tqdm(reader.iter_batches(batch_size),
                                              total=-(-len(reader) // batch_size),
                                              desc="interests", unit=" batch",
                                              disable=None if progress else True):
-        batches.append(user_interests(tower, hist, seq_len))
+        batches.append(user_interests(tower, *latest_clicks(hist, seq_len, history_len)))
         lens = np.asarray(seq_len).reshape(-1)
         histories.append([[int(x) for x in row[:n] if x > 0] for row, n in zip(np.asarray(hist), lens)])
         truths.extend(evals)
@@ -131,7 +140,8 @@ def _pad(rows: list[np.ndarray], fill: float) -> np.ndarray:
 
 
 def recall_users(config: dict[str, Any], dm, model, reader, index, k: int, progress: bool = True,
-                 workers: int | None = None, with_history: bool = False) -> Recalled:
+                 workers: int | None = None, with_history: bool = False,
+                 history_len: int | None = None) -> Recalled:
     """Fill ``index`` with the model's items (it must be empty or disposable: the caller checks)
     and search every user of ``reader`` for ``k`` items per interest."""
     t0 = time.perf_counter()
@@ -143,7 +153,7 @@ def recall_users(config: dict[str, Any], dm, model, reader, index, k: int, progr
     # A server flushes, indexes and loads it for seconds: the interests are computed meanwhile.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="refill") as filler:
         filled = filler.submit(contextvars.copy_context().run, index.refill, ids, vecs)
-        batches, histories, truths = user_batches(tower, reader, batch_size, progress)
+        batches, histories, truths = user_batches(tower, reader, batch_size, progress, history_len)
         filled.result()
     t1 = time.perf_counter()
 
@@ -168,13 +178,13 @@ def recall_users(config: dict[str, Any], dm, model, reader, index, k: int, progr
 
 def score_checkpoint(config: dict[str, Any], dm, model, reader, index, top_n: int,
                      paddlerec_metrics: bool = False, progress: bool = True,
-                     workers: int | None = None, history_bonus: float = 0.0
-                     ) -> tuple[dict[str, float], int]:
+                     workers: int | None = None, history_bonus: float = 0.0,
+                     history_len: int | None = None) -> tuple[dict[str, float], int]:
     """Recall every user of ``reader`` through ``index`` (filled with the model's items; see
     ``recall_users``), ranking their own history items ``history_bonus`` higher, and score them;
     returns (metrics, users)."""
     rec = recall_users(config, dm, model, reader, index, max(top_n, 20), progress, workers,
-                       with_history=history_bonus > 0)
+                       with_history=history_bonus > 0, history_len=history_len)
     t0 = time.perf_counter()
     recalled = [r.ids for r in rec.lists(history_bonus)]
     scores = score_users(recalled, rec.truths, cutoffs_for(top_n), paddlerec_metrics)
@@ -193,10 +203,11 @@ class BonusChoice:
 
 
 def choose_history_bonus(config: dict[str, Any], dm, model, reader, index, top_n: int, metric: str,
-                         progress: bool = False) -> BonusChoice:
+                         progress: bool = False, history_len: int | None = None) -> BonusChoice:
     """Score the users at each bonus of ``BONUS_STEPS`` (one search) and keep the best by
     ``metric`` (the smaller bonus on a tie): users who click their own items again get them back."""
-    rec = recall_users(config, dm, model, reader, index, max(top_n, 20), progress, with_history=True)
+    rec = recall_users(config, dm, model, reader, index, max(top_n, 20), progress, with_history=True,
+                       history_len=history_len)
     name, n = metric.split("@")
     fn = {"Recall": recall_at_n, "NDCG": ndcg_at_n, "HitRate": hitrate_at_n}[name]
     tried: dict[float, float] = {}

@@ -41,7 +41,7 @@ from .errors import (
 )
 from .filter_expr import check_filter
 from .milvus_index import MAX_TOP_K, ItemIndex, _deadline, deadline_scope, is_local_uri
-from .recall import UserRecall, recall_rows
+from .recall import UserRecall, latest_clicks, recall_rows
 from .serving_contract import Manifest, ServingLimits, manifest_stamp, read_export_item_map
 
 logger = logging.getLogger(__name__)
@@ -447,7 +447,7 @@ class RecallService:
                   ) -> tuple[np.ndarray, list[str]]:
         v = version or self.current()
         hist, seq_len, notes = self.encode(histories, v)
-        return v.predictor(hist, seq_len), notes
+        return v.predictor(*latest_clicks(hist, seq_len, v.manifest.history_len or None)), notes
 
     def _search_rows(self, v: ModelVersion, interests: np.ndarray, top_ks: Sequence[int],
                      excludes: Sequence[set[int]] | None, filter: str | None,
@@ -533,7 +533,7 @@ class RecallService:
                 v = self.version(name)
                 rows = np.concatenate([jobs[i].hist for i in members])
                 lens = np.concatenate([jobs[i].seq_len for i in members])
-                vecs = v.predictor(rows, lens)
+                vecs = v.predictor(*latest_clicks(rows, lens, v.manifest.history_len or None))
             except Exception as exc:  # noqa: BLE001 - the group's jobs get the error
                 for i in members:
                     out[i] = exc

@@ -36,6 +36,9 @@ class Manifest:
     # added to the scores of a request's own history items (recall.history_bonus; 0 = off).
     # Optional in the file: exports made before it have none.
     history_bonus: float = 0.0
+    # the user tower reads each history's latest history_len clicks (recall.history_len; 0 = all
+    # maxlen). Optional in the file, as history_bonus.
+    history_len: int = 0
 
     @classmethod
     def load(cls, export_dir: str) -> Manifest:
@@ -47,10 +50,13 @@ class Manifest:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            optional = {"history_bonus"}
+            optional = {"history_bonus", "history_len"}
             out = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k not in optional or k in data})
             if not (isinstance(out.history_bonus, (int, float)) and out.history_bonus >= 0):
                 raise ValueError(f"history_bonus {out.history_bonus!r} must be a number >= 0")
+            if isinstance(out.history_len, bool) or not isinstance(out.history_len, int) \
+                    or not 0 <= out.history_len <= out.maxlen:
+                raise ValueError(f"history_len {out.history_len!r} must be a whole number 0..maxlen")
             return out
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: not a manifest written by `paddlerec-milvus export` "

@@ -15,14 +15,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .atomic_file import write_atomically
-from .checkpoint import BEST_FILE
-from .config import history_bonus_setting
+from .checkpoint import BEST_FILE, checkpoint_dir, load_checkpoint
+from .config import history_bonus_setting, history_len_setting
 from .errors import ConfigError
 from .model_dir import create_reader, data_files
 from .recall import ExactIndex
 from .scoring import choose_history_bonus, score_checkpoint, score_popularity
 
 logger = logging.getLogger(__name__)
+# ``recall.history_len: auto`` tries these (below maxlen) against the whole history, on the chosen
+# epoch; a shorter one must beat it by HISTORY_LEN_MARGIN (relative) to be kept, so validation
+# noise alone does not shorten it.
+HISTORY_LEN_STEPS = (5, 8, 10, 12, 15, 20, 30, 50)
+HISTORY_LEN_MARGIN = 0.01
 _METRIC = re.compile(r"^(Recall|NDCG|HitRate)@([1-9][0-9]*)$")
 
 
@@ -35,6 +40,11 @@ class BestEpoch:
     popular: float | None = None  # most-popular's score on the same users
     # recall.history_bonus: auto -> the bonus chosen per epoch (score units), read by infer/export
     history_bonus: dict[int, float] = field(default_factory=dict)
+    # recall.history_len: auto -> the latest clicks the tower reads, chosen for the best epoch
+    # after training (0 = all maxlen), and the validation score of each length tried
+    history_len: dict[int, int] = field(default_factory=dict)
+    history_len_tried: dict[int, float] = field(default_factory=dict)
+    history_len_bonus: dict[int, float] = field(default_factory=dict)  # bonus re-chosen with it
 
 
 class Validator:
@@ -67,22 +77,52 @@ class Validator:
     def enabled(config: dict[str, Any]) -> bool:
         return bool(config.get("runner.valid_data_dir"))
 
-    def score(self, dm, model) -> float:
-        """The epoch's validation score (at the history bonus it chooses, with ``auto``)."""
+    def score(self, dm, model, history_len: int | None = None) -> float:
+        """The epoch's validation score (at the history bonus it chooses, with ``auto``), the
+        tower reading each user's latest ``history_len`` clicks (None: all maxlen)."""
         dim = int(self.config.get("hyper_parameters.embedding_dim", 64))
         setting = history_bonus_setting(self.config)
         self.chosen_bonus = None
         if setting == "auto":
             choice = choose_history_bonus(self.config, dm, model, self.reader, ExactIndex(dim),
-                                          self.top_n, self.metric)
+                                          self.top_n, self.metric, history_len=history_len)
             self.chosen_bonus = choice.bonus
             logger.info("history bonus: %s by spreads of the top-%d scores -> %s", "  ".join(
                 f"{step:g}: {v:.5f}" for step, v in choice.tried.items()), self.top_n,
                 f"{choice.bonus:.4g}" if choice.bonus else "off")
             return choice.value
         metrics, _ = score_checkpoint(self.config, dm, model, self.reader, ExactIndex(dim),
-                                      self.top_n, progress=False, history_bonus=float(setting))
+                                      self.top_n, progress=False, history_bonus=float(setting),
+                                      history_len=history_len)
         return metrics[self.metric]
+
+    def choose_history_len(self, dm, model, save_path: str) -> int | None:
+        """With ``recall.history_len: auto``, after training: load the best epoch and score it
+        with each user's latest n clicks for n in ``HISTORY_LEN_STEPS`` below maxlen; keep the
+        best n if it beats the whole history by the margin (the bonus re-chosen with it), and
+        save ``best.json``. Tastes drift: on some logs the latest clicks say more than the whole
+        history, whose older clicks blur the interests."""
+        epoch = self.best.epoch
+        if history_len_setting(self.config) != "auto" or epoch < 0:
+            return None
+        maxlen = int(self.config.get("hyper_parameters.maxlen", 20) or 20)
+        load_checkpoint(model, checkpoint_dir(save_path, epoch))
+        full = self.best.value
+        tried, chosen, chosen_value, chosen_bonus = {maxlen: full}, None, full, None
+        for n in (s for s in HISTORY_LEN_STEPS if s < maxlen):
+            value = self.score(dm, model, history_len=n)
+            tried[n] = value
+            if value > full * (1 + HISTORY_LEN_MARGIN) and value > chosen_value:
+                chosen, chosen_value, chosen_bonus = n, value, self.chosen_bonus
+        self.best.history_len = {epoch: chosen or 0}
+        self.best.history_len_tried = dict(sorted(tried.items()))
+        self.best.history_len_bonus = {epoch: float(chosen_bonus)} if chosen and chosen_bonus is not None \
+            else {}
+        logger.info("history length (epoch %d): %s -> %s", epoch, "  ".join(
+            f"{n}: {v:.5f}" for n, v in sorted(tried.items())),
+            f"latest {chosen} clicks ({self.metric} {chosen_value:.5f})" if chosen else f"all {maxlen}")
+        self.save(save_path)
+        return chosen
 
     def update(self, epoch: int, value: float) -> bool:
         """Record ``epoch``'s score; True when training should stop."""
