@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import checkpoint_dir, load_checkpoint
+from .checkpoint import checkpoint_dir, history_len_for, load_checkpoint
 from .errors import ConfigError
 from .evaluate import check_evaluation_target, epochs_to_evaluate, model_for_evaluation
 from .milvus_index import ItemIndex
@@ -180,7 +180,8 @@ def evaluate_ann(config: dict[str, Any], builds: int = 3, top_n: int = 50, best:
     reader = create_reader(config, "test")
     batch_users = int(config.get("runner.infer_batch_size", 256) or 256)
     ids, vecs = indexed_items(dm, model)
-    batches, truths = interests_of(user_tower(dm, model), reader, batch_users)
+    batches, truths = interests_of(user_tower(dm, model), reader, batch_users,
+                                   history_len=history_len_for(config, load_path, epoch))
     interests = np.concatenate(batches).astype(np.float32)
     dim = interests.shape[2]
     limit = max(top_n, 20)

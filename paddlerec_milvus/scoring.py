@@ -51,10 +51,10 @@ def score_users(recalled: list[list[int]], truths: list[list[int]], cutoffs: lis
     return out
 
 
-def interests_of(tower, reader, batch_size: int, progress: bool = True
+def interests_of(tower, reader, batch_size: int, progress: bool = True, history_len: int | None = None
                  ) -> tuple[list[np.ndarray], list[list[int]]]:
     """Every user's interests ([B, K, D] per batch of ``batch_size``) and eval items, in order."""
-    batches, _histories, truths = user_batches(tower, reader, batch_size, progress)
+    batches, _histories, truths = user_batches(tower, reader, batch_size, progress, history_len)
     return batches, truths
 
 

@@ -35,6 +35,7 @@ def _histories(export_dir: str, n: int = 8) -> list[list[int]]:
 
 def _offline(export_dir: str, histories: list[list[int]], top_k: int) -> list[list[int]]:
     """What exactly this export must answer: its user tower, exact search over its vectors."""
+    from paddlerec_milvus.recall import latest_clicks
     from paddlerec_milvus.service import UserTowerPredictor
     from paddlerec_milvus.serving_contract import Manifest, read_export_item_map
 
@@ -46,7 +47,7 @@ def _offline(export_dir: str, histories: list[list[int]], top_k: int) -> list[li
         d = [dense[x] for x in h][-m.maxlen:]
         hist[i, :len(d)] = d
     lens = np.array([min(len(h), m.maxlen) for h in histories], dtype=np.int64)
-    interests = UserTowerPredictor(export_dir, m)(hist, lens)
+    interests = UserTowerPredictor(export_dir, m)(*latest_clicks(hist, lens, m.history_len or None))
     vectors = np.load(os.path.join(export_dir, "item_vectors.npy"))
     return [r.ids for r in exact_recall(interests, raw[1:], vectors, top_k)]
 

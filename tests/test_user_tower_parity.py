@@ -15,6 +15,7 @@ from paddlerec_milvus.config import load_config
 from paddlerec_milvus.errors import ConfigError
 from paddlerec_milvus.export import check_tower_parity
 from paddlerec_milvus.model_dir import load_dygraph_model
+from paddlerec_milvus.recall import latest_clicks
 from paddlerec_milvus.serving_contract import Manifest
 from paddlerec_milvus.towers import user_interests, user_tower
 
@@ -48,7 +49,7 @@ def test_served_interests_equal_the_trained_models(trained_demo, exported_demo, 
                      for _ in range(32)]
         served, _ = svc.interests(histories)
         hist, seq_len, _ = svc.encode(histories)
-        want = user_interests(tower, hist, seq_len)
+        want = user_interests(tower, *latest_clicks(hist, seq_len, manifest.history_len or None))
         np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-4)
     finally:
         svc.close()
