@@ -25,7 +25,9 @@ Each generator process writes its raw records (scheduled/sent offset, latency, s
 caller merges them and summarizes with ``summarize`` / ``timeline``. Statuses: the HTTP status code
 (``"200"``, ``"429"``, ...), for gRPC ``"ok"`` (``err_no`` 0) or ``"errNN"``, ``"grpc:CODE"`` for a
 failed call, and ``"timeout"`` / ``"conn"`` for no reply within the client timeout / a broken
-connection. Only the standard library here (and ``grpc`` for the gRPC modes).
+connection; ``"expired"``: a gRPC call whose request's ``timeout_ms`` (sent as the call's deadline)
+ran out (an answer at the deadline, neither accepted nor a fast refusal). Only the standard
+library here (and ``grpc`` for the gRPC modes).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from urllib.parse import urlsplit
 PIPELINE_METHOD = "/baidu.paddle_serving.pipeline_serving.PipelineService/inference"
 ACCEPTED = frozenset({"200", "ok"})
 REJECTED = frozenset({"429", "503", "err54"})  # 54: ERR_OVERLOADED of serving_pipeline
+EXPIRED = "expired"  # the call's own gRPC deadline (the request's timeout_ms) ran out
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -252,6 +255,10 @@ class GrpcSender:
         self._grpc = grpc
         self.requests = [encode_pipeline_request(pipeline_fields(b)) for b in bodies]
         self.timeout = timeout
+        # a body's timeout_ms is also its call's gRPC deadline (as the HTTP gateway sends it): the
+        # server drops a call that waited past it unrun, and the reply comes by then ("expired")
+        self.deadlines = [min(timeout, b["timeout_ms"] / 1e3) if b.get("timeout_ms") else None
+                          for b in bodies]
         self.channel = grpc.aio.insecure_channel(
             target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         self.call = self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
@@ -263,12 +270,14 @@ class GrpcSender:
         self.max_busy = max(self.max_busy, self.busy)
         if stamp is not None:
             stamp[:] = [asyncio.get_running_loop().time()]
+        own = self.deadlines[i % len(self.requests)]
         try:
-            reply = await self.call(self.requests[i % len(self.requests)], timeout=self.timeout)
+            reply = await self.call(self.requests[i % len(self.requests)],
+                                    timeout=self.timeout if own is None else own)
         except self._grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == self._grpc.StatusCode.DEADLINE_EXCEEDED:
-                return "timeout"
+                return "timeout" if own is None else "expired"
             refused = "Concurrent RPC limit" in (exc.details() or "")
             if code == self._grpc.StatusCode.RESOURCE_EXHAUSTED and refused:
                 return "err54"  # gRPC's own refusal past the server's thread limit: an overload answer
@@ -516,13 +525,15 @@ def summarize(rec: dict[str, Any], t_from: float | None = None, t_to: float | No
     hi = math.inf if t_to is None else t_to
     idx = [i for i, t in enumerate(rec["t"]) if lo <= t < hi]
     counts: dict[str, int] = {}
-    ok, rej, rej_sent = [], [], []
+    ok, rej, rej_sent, expired = [], [], [], []
     lag = rec.get("lag")
     for i in idx:
         st = rec["st"][i]
         counts[st] = counts.get(st, 0) + 1
         if st in ACCEPTED:
             ok.append(rec["lat"][i])
+        elif st == EXPIRED:
+            expired.append(rec["lat"][i])
         elif st in REJECTED:
             rej.append(rec["lat"][i])
             if lag is not None:
@@ -534,7 +545,7 @@ def summarize(rec: dict[str, Any], t_from: float | None = None, t_to: float | No
                    if st in ACCEPTED and w0 <= t + lat / 1000 < w1)
         return {"requests": len(idx), "status": dict(sorted(counts.items())), "ok": _lat_stats(ok),
                 "rejected": _lat_stats(rej), "rejected_from_send": _lat_stats(rej_sent),
-                "errors": len(idx) - len(ok) - len(rej),
+                "expired": _lat_stats(expired), "errors": len(idx) - len(ok) - len(rej) - len(expired),
                 "ok_rps": done / seconds, "rps": len(idx) / seconds, "seconds": seconds}
     if seconds is None:
         if idx:
@@ -545,7 +556,7 @@ def summarize(rec: dict[str, Any], t_from: float | None = None, t_to: float | No
             seconds = float("nan")
     return {"requests": len(idx), "status": dict(sorted(counts.items())), "ok": _lat_stats(ok),
             "rejected": _lat_stats(rej), "rejected_from_send": _lat_stats(rej_sent),
-            "errors": len(idx) - len(ok) - len(rej),
+            "expired": _lat_stats(expired), "errors": len(idx) - len(ok) - len(rej) - len(expired),
             "ok_rps": len(ok) / seconds, "rps": len(idx) / seconds, "seconds": seconds}
 
 

@@ -379,6 +379,8 @@ def _row(cat: str, backend: str, target: str, mode: str, load: str, s: dict[str,
             "rejected p99 ms": s["rejected"]["p99_ms"] if s["rejected"]["n"] else None,
             "rejected p99 ms from send": s["rejected_from_send"]["p99_ms"]
             if s.get("rejected_from_send", {}).get("n") else None,
+            "expired": s["expired"]["n"],
+            "expired p99 ms": s["expired"]["p99_ms"] if s["expired"]["n"] else None,
             "vs in-process": s["ok_rps"] / base_rps if base_rps else None, "requests": s["requests"]}
 
 
@@ -400,7 +402,8 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
                      "load": f"closed c={c}", "offered/s": None, "ok/s": m["throughput_rps"],
                      "p50 ms": m["p50_ms"], "p99 ms": m["p99_ms"], "max ms": None, "non-200": 0,
                      "rejected": 0, "rejected p99 ms": None,
-                     "rejected p99 ms from send": None, "vs in-process": 1.0, "requests": m["requests"]})
+                     "rejected p99 ms from send": None, "expired": 0, "expired p99 ms": None,
+                     "vs in-process": 1.0, "requests": m["requests"]})
         figures[f"serving_inprocess_c{c}_rps{sfx}"] = m["throughput_rps"]
         figures[f"serving_inprocess_c{c}_p50_ms{sfx}"] = m["p50_ms"]
     base = {c: ref["levels"][str(c)]["throughput_rps"] for c in CONCURRENCY}
@@ -455,6 +458,7 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
                         else None
                     figures[f"{key}_rejected_from_send_p99_ms{sfx}"] = s["rejected_from_send"]["p99_ms"] \
                         if s["rejected_from_send"]["n"] else None
+                    figures[f"{key}_expired{sfx}"] = s["expired"]["n"]
                     figures[f"{key}_errors{sfx}"] = s["errors"]
                     figures[f"{key}_send_lag_p99_ms{sfx}"] = rec.get("send_lag_p99_ms")
                     figures[f"{key}_connections{sfx}"] = rec["connections"]
@@ -462,9 +466,9 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
                     if frac == 0.5:
                         base_p99 = s["ok"]["p99_ms"]
                     logger.info("[%s/%s] %s open %d%% (%.0f/s): ok %.0f/s p99 %.1f ms, rejected %d "
-                                "(p99 %.1f ms), other %d", cat, backend, target, pct, rate, s["ok_rps"],
-                                s["ok"]["p99_ms"], s["rejected"]["n"], s["rejected"]["p99_ms"],
-                                s["errors"])
+                                "(p99 %.1f ms), expired %d, other %d", cat, backend, target, pct, rate,
+                                s["ok_rps"], s["ok"]["p99_ms"], s["rejected"]["n"], s["rejected"]["p99_ms"],
+                                s["expired"]["n"], s["errors"])
                 hi, lo = b["recovery_s"]
                 rec = open_loop(target, endpoint, open_bodies, [(2 * cap, hi), (0.5 * cap, lo)])
                 for label, t0, t1, rate in (("recovery 200%", 0.0, hi, 2 * cap),
@@ -491,6 +495,7 @@ def measure(cat: str, backend: str, exp: dict[str, str], quick: bool, deadline_m
                          "p99 ms": statistics.median(t["ok"]["p99_ms"] for t in ts), "max ms": None,
                          "non-200": sum(t["requests"] for t in ts) - n, "rejected": 0,
                          "rejected p99 ms": None, "rejected p99 ms from send": None,
+                         "expired": 0, "expired p99 ms": None,
                          "vs in-process": None, "requests": n})
         # each round's two turns ran back to back: the median of the per-round ratios
         ratios = [bt["ok"]["p50_ms"] / ub["ok"]["p50_ms"]
@@ -647,7 +652,9 @@ def run(quick: bool = False, catalogues: Sequence[str] | None = None,
         + (f"carry `timeout_ms: {deadline_ms}` where the target accepts it. " if deadline_ms else
            "carry no deadline. ")
         + "`ok/s` = 200 replies completed within the phase / its length; rejected = 429/503 (REST) or "
-        f"err_no 54 (RPC). Recovery: {b['recovery_s'][0]:g} s at 200% then {b['recovery_s'][1]:g} s "
+        "err_no 54 (RPC); expired (RPC) = the request's `timeout_ms`, sent as the call's gRPC "
+        "deadline, ran out (the server drops such a call unrun; the client has its answer at the "
+        f"deadline). Recovery: {b['recovery_s'][0]:g} s at 200% then {b['recovery_s'][1]:g} s "
         "at 50%; `serving_*_recovery_s` = seconds after the drop until a 1-s slice of requests all "
         "got 200 within 2x the 50%-load p99. Phase rows: latency and statuses of the requests "
         "scheduled in the phase, ok/s of the 200s completed during it (a backlog drains later); "

@@ -71,7 +71,11 @@ GATEWAYS = ("python", "go")
 ERR_OVERLOADED = 54  # = serving_pipeline.ERR_OVERLOADED
 # gRPC's own refusal past ``maximum_concurrent_rpcs`` (RESOURCE_EXHAUSTED with these details)
 GRPC_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"
+GRPC_LIMIT_PER_WORKER = 2  # concurrent RPCs gRPC takes per thread (worker_num) before refusing
 ARRIVAL_KEY = "pipeline.arrival"  # added to each request: time.monotonic() when the servicer got it
+# added when the gRPC call has a deadline: that deadline as time.monotonic() (it caps the request's)
+CALL_DEADLINE_KEY = "pipeline.call_deadline"
+_NO_DEADLINE_S = 86400.0 * 365  # gRPC reports a call without a deadline as one far in the future
 _load_lock = threading.Lock()
 
 
@@ -342,6 +346,12 @@ def checked_servicer_class() -> type:
             if problem is not None:
                 return pipeline_service_pb2.Response(err_no=ERR_BAD_REQUEST,
                                                      err_msg=f"bad request: {problem}")
+            left = context.time_remaining() if context is not None else None
+            if left is not None and left <= 0:
+                # the caller's gRPC deadline passed while the call waited for a thread: not run
+                return pipeline_service_pb2.Response(
+                    err_no=ERR_OVERLOADED, err_msg="deadline exceeded: the call's gRPC deadline passed "
+                                                   "before a server thread took it; it was not run")
             limit = self.max_inflight
             if limit is not None:
                 with self._lock:
@@ -353,8 +363,14 @@ def checked_servicer_class() -> type:
                         err_no=ERR_OVERLOADED, err_msg=f"overloaded: {limit} requests already in the "
                                                        "pipeline; retry shortly")
             # the request's arrival: its deadline counts from here (RecallService.prepare)
+            now = time.monotonic()
             request.key.append(ARRIVAL_KEY)
-            request.value.append(repr(time.monotonic()))
+            request.value.append(repr(now))
+            if left is not None and left < _NO_DEADLINE_S:
+                # gRPC measured the call's deadline from when it arrived, before any queue in
+                # this process: a request that waited there runs only for what is left of it
+                request.key.append(CALL_DEADLINE_KEY)
+                request.value.append(repr(now + left))
             try:
                 return super().inference(request, context)
             finally:
@@ -565,12 +581,16 @@ class PipelineRunner:
                                        "gRPC's queue for a thread instead of being refused at once; "
                                        "set worker_num above max_inflight", self.max_inflight,
                                        conf["worker_num"], conf["worker_num"])
-                # past worker_num RPCs, gRPC refuses at once (RESOURCE_EXHAUSTED, before the
-                # request is read) instead of queueing it for a thread: a queued request's wait
-                # is not seen by any deadline, and under 2x load the queue grew to seconds
+                # past GRPC_LIMIT_PER_WORKER x worker_num RPCs, gRPC refuses at once
+                # (RESOURCE_EXHAUSTED, before the request is read) instead of queueing it for a
+                # thread without bound: under 2x load that queue grew to seconds. The headroom
+                # (at most worker_num calls wait, about one service time) is for calls that have
+                # answered but not yet left gRPC's count: at exactly worker_num clients a limit
+                # of worker_num refused some of them
+                limit = GRPC_LIMIT_PER_WORKER * conf["worker_num"]
                 self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=conf["worker_num"]),
                                          options=grpc_server_options(self.max_body_bytes),
-                                         maximum_concurrent_rpcs=conf["worker_num"])
+                                         maximum_concurrent_rpcs=limit)
                 pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(self._servicer, self._grpc)
                 _add_port(self._grpc, bind)
                 self._grpc.start()

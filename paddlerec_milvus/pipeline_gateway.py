@@ -13,6 +13,8 @@ JSON, has the wrong shape, or whose ``key`` and ``value`` lists do not pair up; 
 body over ``--max-body-bytes``, counted as it streams in (chunked too; the rest is not read);
 408 (51) for a body that does not arrive within ``--body-timeout``; 404 / 405 (51) for another
 path or method; 503 / 504 / 502 (53) when the gRPC server is not there, too slow, or fails.
+A request's ``timeout_ms`` is also its gRPC call's deadline: past it the answer is 200 with
+err_no 54 ("deadline exceeded"), as the pipeline gives for a request it dropped unrun.
 ``GET /-/ready`` answers 200 once the gRPC server is connected (503 before).
 
 It runs as its own process, a fresh interpreter (``python -m paddlerec_milvus.pipeline_gateway``,
@@ -166,6 +168,20 @@ def _str_list(data: dict, name: str) -> list[str]:
             raise BadRequest(400, f"{name}[{i}] must be a string (values are JSON-encoded strings, "
                                   f'e.g. "[[5468, 30460]]"), got {type(v).__name__}')
     return value
+
+
+def request_deadline_s(request: Any) -> float | None:
+    """The request's ``timeout_ms`` in seconds when it is a positive number (the pipeline
+    judges any other value and answers 51), else None. It becomes the gRPC call's deadline, so
+    the server can drop a call that waited past it in its own queues instead of running it."""
+    for key, value in zip(request.key, request.value):
+        if key == "timeout_ms":
+            try:
+                ms = float(value)
+            except ValueError:
+                return None
+            return ms / 1e3 if math.isfinite(ms) and ms > 0 else None
+    return None
 
 
 def parse_body(body: bytes | bytearray, name: str, client_ip: str = "") -> Any:
@@ -346,10 +362,19 @@ class Gateway:
             return  # the client went away
         client = scope.get("client")
         request = parse_body(body, self.name, client[0] if client else "")
+        own = request_deadline_s(request)
+        timeout = self.rpc_timeout if own is None else min(own, self.rpc_timeout or own)
         try:
-            resp = await next(self._calls)(request, timeout=self.rpc_timeout)
+            resp = await next(self._calls)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and own is not None and timeout == own:
+                # the request's own timeout_ms, sent as the call's gRPC deadline, ran out: the
+                # pipeline's answer for a request past its deadline (the server drops it unrun)
+                await _send(send, 200, json.dumps({
+                    "err_no": ERR_OVERLOADED, "err_msg": f"deadline exceeded: no answer within the "
+                    f"request's timeout_ms ({own * 1e3:g} ms); retry shortly"}).encode())
+                return
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED and GRPC_LIMIT_DETAILS in (exc.details() or ""):
                 # the gRPC server's thread limit: the same answer as the servicer's own refusal
                 await _send(send, 200, json.dumps({

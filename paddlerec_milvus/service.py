@@ -503,10 +503,12 @@ class RecallService:
     # -- requests as jobs: alone or micro-batched -----------------------------------------
     def prepare(self, histories: Sequence[Sequence[Any]], top_k: Any = None,
                 exclude_history: bool = False, filter: str | None = None,
-                timeout_ms: Any = None, arrival: float | None = None) -> RecallJob:
+                timeout_ms: Any = None, arrival: float | None = None,
+                deadline: float | None = None) -> RecallJob:
         """Check a request and encode it; every mistake is a ``RequestError`` here, before it can
         join a batch (a bad request never fails its batch-mates). The deadline counts from
-        ``arrival`` (time.monotonic() when the server got it) when given, else from now."""
+        ``arrival`` (time.monotonic() when the server got it) when given, else from now; a
+        ``deadline`` (monotonic: the caller's own, e.g. its gRPC deadline) can only shorten it."""
         v = self.current()
         top_k = self.check_top_k(top_k)
         filter = self.check_filter(filter)
@@ -519,7 +521,8 @@ class RecallService:
         hist, seq_len, notes = self.encode(histories, v)
         excludes = [set(h) if exclude_history else set() for h in histories]
         start = time.monotonic() if arrival is None else min(arrival, time.monotonic())
-        job = RecallJob(excludes, hist, seq_len, top_k, filter, notes, v.version, start + timeout)
+        end = start + timeout if deadline is None else min(start + timeout, deadline)
+        job = RecallJob(excludes, hist, seq_len, top_k, filter, notes, v.version, end)
         if job.limit > MAX_TOP_K:
             raise RequestError(f"top_k {top_k} + {job.limit - top_k} history items to leave out is over "
                                f"Milvus's limit {MAX_TOP_K}")

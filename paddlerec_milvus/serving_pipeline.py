@@ -223,6 +223,7 @@ class RecallRequest:
     filter: str | None = None
     timeout_ms: Any = None
     arrival: float | None = None  # when the gRPC servicer got it (the deadline counts from there)
+    call_deadline: float | None = None  # the gRPC call's own deadline (monotonic), when it has one
 
 
 def encode_request(histories: Sequence[Sequence[int]], top_k: int | None = None,
@@ -287,6 +288,11 @@ def parse_request(fields: Mapping[str, Any]) -> RecallRequest:
             req.arrival = float(fields[compat.ARRIVAL_KEY])
         except (TypeError, ValueError):
             raise RequestError(f"{compat.ARRIVAL_KEY} is set by the server, not by clients") from None
+    if compat.CALL_DEADLINE_KEY in fields:
+        try:
+            req.call_deadline = float(fields[compat.CALL_DEADLINE_KEY])
+        except (TypeError, ValueError):
+            raise RequestError(f"{compat.CALL_DEADLINE_KEY} is set by the server, not by clients") from None
     if "exclude_history" in fields:
         value = _json_field("exclude_history", fields["exclude_history"])
         if not isinstance(value, bool):
@@ -378,7 +384,8 @@ def op_classes() -> tuple[type, type]:
             try:
                 req = parse_request(self._one(input_dicts))
                 job = self.service.prepare(req.histories, req.top_k, req.exclude_history, req.filter,
-                                           req.timeout_ms, arrival=req.arrival)
+                                           req.timeout_ms, arrival=req.arrival,
+                                           deadline=req.call_deadline)
             except Exception as exc:
                 return (None, True, *_error(exc))
             return ({"job": job}, False, None, "")

@@ -402,6 +402,21 @@ def test_a_deadline_that_passed_in_a_queue_drops_the_request(lite_service):
 
 
 @pytest.mark.slow
+def test_a_callers_own_deadline_only_shortens_the_request_deadline(lite_service):
+    svc = lite_service
+    req = request_mix(svc)[0]
+    now = time.monotonic()
+    job = svc.prepare(req["histories"], 10, timeout_ms=5000, arrival=now, deadline=now + 0.25)
+    assert job.deadline == pytest.approx(now + 0.25)  # the gRPC deadline is the nearer one
+    job = svc.prepare(req["histories"], 10, timeout_ms=100, arrival=now, deadline=now + 60)
+    assert job.deadline == pytest.approx(now + 0.1)  # a later one does not extend timeout_ms
+    job = svc.prepare(req["histories"], 10, deadline=time.monotonic() - 0.01)
+    with pytest.raises(DeadlineExceeded, match="not run"):
+        svc.tower(job)
+    assert job.interests is None
+
+
+@pytest.mark.slow
 def test_a_stalled_milvus_answers_by_the_request_deadline(lite_service):
     """SIGSTOP the Milvus Lite process: a request with a 300 ms deadline is answered (503-kind
     error) well before the 10 s Milvus timeout; after SIGCONT the service answers again."""

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from concurrent import futures
 from importlib.util import find_spec
 
@@ -202,6 +203,8 @@ def grpc_server():
         req = Request.FromString(raw)
         seen.append(list(req.key))
         hist = json.loads(dict(zip(req.key, req.value))["hist_item"])
+        if hist[0][0] == 99:  # a slow answer
+            time.sleep(0.3)
         err = 54 if hist[0][0] == 54 else 0
         return Response(err_no=err, key=["items"], value=["[[1, 2]]"]).SerializeToString()
 
@@ -227,6 +230,16 @@ def test_grpc_open_and_closed(grpc_server):
     rec = load_gen.run_load("grpc-closed", target=target, bodies=bodies[:1], concurrency=4,
                             requests=30, processes=2, timeout=5)
     assert rec["processes"] == 2 and rec["st"] == ["ok"] * 30
+
+
+def test_grpc_timeout_ms_is_the_calls_deadline(grpc_server):
+    target, _ = grpc_server
+    bodies = [{"hist_item": [[99]], "top_k": 50, "timeout_ms": 50}, {"hist_item": [[1]], "top_k": 50}]
+    rec = load_gen.run_load("grpc-open", target=target, bodies=bodies, phases=[(20, 0.5)], timeout=5)
+    s = load_gen.summarize(rec)
+    assert s["status"] == {"expired": 5, "ok": 5}
+    assert s["expired"]["n"] == 5 and s["errors"] == 0 and s["rejected"]["n"] == 0
+    assert s["expired"]["max_ms"] < 250  # answered at its 50-ms deadline, not after the 300-ms reply
 
 
 # -- hey -------------------------------------------------------------------------------------------

@@ -447,9 +447,9 @@ def test_a_full_queue_answers_err_no_54_and_the_pipeline_recovers(lite_export, l
         pipe.kill()
 
 
-def test_past_worker_num_grpc_refuses_at_once_as_err_no_54(lite_export, lite_ref, tmp_path):
-    """More concurrent RPCs than gRPC threads: the server refuses the extra ones itself
-    (maximum_concurrent_rpcs) instead of queueing them where no deadline sees them; the HTTP
+def test_past_twice_worker_num_grpc_refuses_at_once_as_err_no_54(lite_export, lite_ref, tmp_path):
+    """20 concurrent callers, 2 gRPC threads: past 2 x worker_num calls the server refuses the
+    extra ones itself (maximum_concurrent_rpcs) instead of queueing them without bound; the HTTP
     gateway and the RPC client both answer that as err_no 54, and serving goes on."""
     import json as _json
 
@@ -490,6 +490,43 @@ def test_past_worker_num_grpc_refuses_at_once_as_err_no_54(lite_export, lite_ref
         assert "max_inflight 2 >= worker_num 2" in pipe.log_text()
     finally:
         pipe.kill()
+
+
+def test_the_calls_grpc_deadline_is_the_requests_deadline(lite_pipe, lite_ref, lite_export):
+    """A request's deadline is also its gRPC call's: gRPC measures it from the call's arrival, so
+    time spent in the server's own queues counts; past it the request is dropped unrun (err_no 54)
+    over RPC and over the HTTP gateway (which sends timeout_ms as the call's deadline)."""
+    import grpc
+
+    from benchmarks.load_gen import PIPELINE_METHOD, decode_pipeline_response, encode_pipeline_request
+
+    h = demo_histories(lite_export["export_dir"])[:1]
+    want = lite_ref.recall(h, 10)
+    fields = {"hist_item": json.dumps(h), "top_k": "10"}
+    with grpc.insecure_channel(lite_pipe.endpoint) as channel:
+        call = channel.unary_unary(PIPELINE_METHOD, request_serializer=None, response_deserializer=None)
+        # with a gRPC deadline the servicer adds it to the request as pipeline.call_deadline
+        got = decode_pipeline_response(call(encode_pipeline_request(fields), timeout=30))
+        assert got["err_no"] == 0, got
+        assert json.loads(got["value"][got["key"].index("items")]) == want.items
+        # a call deadline already past (the servicer's key; on a call without a gRPC deadline a
+        # client's own is read, which can only shorten its own request's deadline)
+        late = decode_pipeline_response(call(encode_pipeline_request(
+            dict(fields, **{"pipeline.call_deadline": repr(time.monotonic() - 1)}))))
+        assert late["err_no"] == 54 and "deadline" in late["err_msg"] and "not run" in late["err_msg"], late
+        # with a gRPC deadline the servicer's value comes last and is the one read
+        got = decode_pipeline_response(call(encode_pipeline_request(
+            dict(fields, **{"pipeline.call_deadline": repr(time.monotonic() - 1)})), timeout=30))
+        assert got["err_no"] == 0, got
+        bad = decode_pipeline_response(call(encode_pipeline_request(
+            dict(fields, **{"pipeline.call_deadline": "soon"}))))
+        assert bad["err_no"] == 51 and "pipeline.call_deadline" in bad["err_msg"], bad
+    # over HTTP: timeout_ms too short for anything = an answer at its deadline, err_no 54
+    t0 = time.monotonic()
+    got = post_fields(lite_pipe.url, dict(fields, timeout_ms="0.001"))
+    assert got["err_no"] == 54 and "deadline exceeded" in got["err_msg"], got
+    assert time.monotonic() - t0 < 5
+    assert_same_recall(recall_http(lite_pipe.url, h, 10), want, "after the expired requests")
 
 
 def test_a_killed_milvus_lite_child_is_restarted(lite_pipe, lite_ref, lite_export):
