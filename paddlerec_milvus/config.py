@@ -64,6 +64,7 @@ KNOWN_KEYS = frozenset({
     "hyper_parameters.capsual.normalize_update", "hyper_parameters.capsual.dynamic_k",
     "hyper_parameters.capsual.relu_layers", "hyper_parameters.item_norm_penalty",
     "hyper_parameters.cosine_temperature", "hyper_parameters.negative_sampler",
+    "hyper_parameters.embedding_dropout",
     # ComiRec (models/comirec_dr, models/comirec_sa): interest count is capsual.max_k, as in MIND
     "hyper_parameters.capsual.bilinear", "hyper_parameters.readout",
     "hyper_parameters.self_attention.hidden_size", "hyper_parameters.self_attention.add_positions",

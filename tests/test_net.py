@@ -194,6 +194,34 @@ def test_cosine_temperature_scores_cosines_and_both_towers_give_unit_vectors():
         dm.create_model({**config, "hyper_parameters.cosine_temperature": -1})
 
 
+def test_embedding_dropout_touches_only_the_training_history():
+    import dygraph_model
+
+    config = {"hyper_parameters.item_count": 100, "hyper_parameters.embedding_dim": 16,
+              "hyper_parameters.neg_samples": 8, "hyper_parameters.maxlen": 8,
+              "hyper_parameters.embedding_dropout": 0.5}
+    dm = dygraph_model.DygraphModel()
+    paddle.seed(0)
+    model = dm.create_model(config)
+    assert model.embedding_dropout == 0.5
+    hist, n = t([[1, 2, 3, 4, 5, 0, 0, 0]] * 2), t([5, 5])
+    target, negs = t([[9], [50]]), np.array([7, 31], dtype=np.int64)
+    bias = paddle.to_tensor(model.sampler.logit_bias_numpy(target.numpy(), negs))
+    model.train()
+    losses = {float(model(hist, n, target, t(negs), bias)[0]) for _ in range(4)}
+    assert len(losses) > 1  # a fresh mask per step
+    model.eval()  # evaluation and the served tower never drop
+    a = dm.user_tower(model)(hist, n).numpy()
+    b = dm.user_tower(model)(hist, n).numpy()
+    np.testing.assert_array_equal(a, b)
+    model.embedding_dropout = 0.0
+    model.train()  # off: training is deterministic for a fixed batch and negatives
+    assert len({float(model(hist, n, target, t(negs), bias)[0]) for _ in range(3)}) == 1
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="embedding_dropout must be in"):
+            dm.create_model({**config, "hyper_parameters.embedding_dropout": bad})
+
+
 def test_uniform_sampler_draws_every_id_alike_and_corrects_by_a_constant():
     rng = np.random.default_rng(0)
     sampler = multi_interest.make_sampler({"hyper_parameters.negative_sampler": "uniform"}, 50)

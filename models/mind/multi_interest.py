@@ -131,8 +131,11 @@ class MultiInterestLayer(nn.Layer):
         # cosine_temperature: tau > 0 scores cos(user, item) / tau in training, and both towers
         # give unit vectors, so Milvus's inner product is the cosine (IVF/HNSW index unit vectors
         # better than norms spread over 0.5-16). 0 = the plain inner product.
+        # embedding_dropout: p of dropout on the history's embeddings in training only (the
+        # targets, negatives and the served tower are untouched), against overfitting long histories.
         self.item_norm_penalty = 0.0
         self.cosine_temperature = 0.0
+        self.embedding_dropout = 0.0
 
     def _norm_penalty(self, *rows):
         if not self.item_norm_penalty:
@@ -142,6 +145,11 @@ class MultiInterestLayer(nn.Layer):
 
     def extract(self, hist_emb, seq_len):
         raise NotImplementedError
+
+    def _train_history(self, hist_emb):
+        if not self.embedding_dropout or not self.training:
+            return hist_emb
+        return nn.functional.dropout(hist_emb, p=self.embedding_dropout, training=True)
 
     def _unit(self, x):
         return x / paddle.sqrt(paddle.sum(x * x, axis=-1, keepdim=True) + 1e-12)
@@ -191,7 +199,7 @@ class MultiInterestLayer(nn.Layer):
             interests, weights = self.extract(self.item_emb(hist_item), seq_len)
             return self._served(interests), weights
         if neg_items is None:
-            interests, _ = self.extract(self.item_emb(hist_item), seq_len)
+            interests, _ = self.extract(self._train_history(self.item_emb(hist_item)), seq_len)
             target_emb = self.item_emb(paddle.reshape(target_item, [-1]))
             user_vec = self.readout(self._served(interests), self._served(target_emb))
             return self.sampled_softmax_loss(user_vec, target_item), interests
@@ -201,7 +209,7 @@ class MultiInterestLayer(nn.Layer):
         ids = paddle.concat([paddle.reshape(hist_item, [-1]), target, neg_items])
         hist_emb, target_emb, neg_emb = paddle.split(
             self.item_emb(ids), [b * length, b, neg_items.shape[0]])
-        interests, _ = self.extract(paddle.reshape(hist_emb, [b, length, -1]), seq_len)
+        interests, _ = self.extract(self._train_history(paddle.reshape(hist_emb, [b, length, -1])), seq_len)
         user_vec = self.readout(self._served(interests), self._served(target_emb))
         penalty = self._norm_penalty(target_emb, neg_emb)
         user_vec, target_emb, neg_emb = self._scored(user_vec, target_emb, neg_emb)
@@ -294,6 +302,10 @@ class DygraphModelBase:
         if tau < 0:
             raise ValueError(f"hyper_parameters.cosine_temperature must be >= 0 (0 = off), got {tau}")
         model.cosine_temperature = tau
+        drop = float(config.get("hyper_parameters.embedding_dropout", 0.0) or 0.0)
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"hyper_parameters.embedding_dropout must be in [0, 1) (0 = off), got {drop}")
+        model.embedding_dropout = drop
         model.sampler = make_sampler(config, model.item_count - 1)
         return model
 
