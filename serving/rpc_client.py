@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# First: it makes protobuf pure Python, which Paddle Serving's generated code needs.
+# First: it loads Paddle Serving's pipeline package on Python 3.11 (its _pb2 modules rebuilt).
 from paddlerec_milvus import paddle_serving_compat as compat  # noqa: E402
+from paddlerec_milvus.pipeline_gateway import request_deadline_s  # noqa: E402
 from paddlerec_milvus.serving_pipeline import ERR_BAD_REQUEST, decode_response, encode_request  # noqa: E402
 
 DEFAULT_ENDPOINT = "127.0.0.1:9998"
@@ -40,13 +41,19 @@ class RecallRpcClient:
 
     def call(self, fields: dict[str, str]) -> dict[str, Any]:
         """Send raw request fields (strings); raises ConnectionError if the server is not there.
-        A request over the server's size limit answers err_no 51."""
+        A request over the server's size limit answers err_no 51; one with no answer within its
+        ``timeout_ms`` (or the client's ``timeout``) answers err_no 54."""
         import grpc
 
         feed = dict(fields, clientip="127.0.0.1")  # else it resolves the host name per call
-        future = self._client.predict(feed_dict=feed, asyn=True)
-        try:  # PipelineClient has no timeout of its own; its gRPC future does
-            resp = future.call_future_.result(timeout=self.timeout)
+        # PipelineClient.predict sends its call without a gRPC deadline, so a server could run a
+        # call its client gave up on long ago. Its own packing, sent with one: the pipeline then
+        # drops a call that waited past it in the server's queues (err_no 54, "not run").
+        req = self._client._pack_request_package(feed, False, False, False)
+        own = request_deadline_s(req)
+        deadline = self.timeout if own is None else min(own, self.timeout)
+        try:
+            resp = self._client._stub.inference(req, timeout=deadline)
         except grpc.RpcError as exc:
             if compat.is_concurrency_refusal(exc.code(), exc.details()):  # every server thread busy
                 return {"err_no": compat.ERR_OVERLOADED, "err_msg": "overloaded: every gRPC thread of "
@@ -54,6 +61,10 @@ class RecallRpcClient:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # over the server's max_body_bytes
                 return {"err_no": ERR_BAD_REQUEST, "err_msg": f"bad request: too large for the server: "
                                                               f"{exc.details()}"}
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                whose = "the request's timeout_ms" if deadline == own else "the client's timeout"
+                return {"err_no": compat.ERR_OVERLOADED, "err_msg": f"deadline exceeded: no answer "
+                        f"within {deadline * 1e3:g} ms ({whose}); retry shortly"}
             raise ConnectionError(f"recall pipeline at {self.endpoint}: {exc.code().name} "
                                   f"{exc.details()}") from None
         return decode_response(resp.err_no, resp.err_msg, list(resp.key), list(resp.value))

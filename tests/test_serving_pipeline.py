@@ -492,7 +492,7 @@ def test_past_twice_worker_num_grpc_refuses_at_once_as_err_no_54(lite_export, li
         pipe.kill()
 
 
-def test_the_calls_grpc_deadline_is_the_requests_deadline(lite_pipe, lite_ref, lite_export):
+def test_the_calls_grpc_deadline_is_the_requests_deadline(lite_pipe, lite_rpc, lite_ref, lite_export):
     """A request's deadline is also its gRPC call's: gRPC measures it from the call's arrival, so
     time spent in the server's own queues counts; past it the request is dropped unrun (err_no 54)
     over RPC and over the HTTP gateway (which sends timeout_ms as the call's deadline)."""
@@ -526,6 +526,12 @@ def test_the_calls_grpc_deadline_is_the_requests_deadline(lite_pipe, lite_ref, l
     got = post_fields(lite_pipe.url, dict(fields, timeout_ms="0.001"))
     assert got["err_no"] == 54 and "deadline exceeded" in got["err_msg"], got
     assert time.monotonic() - t0 < 5
+    # the RPC client sends it as the call's deadline too (PipelineClient itself sends none)
+    got = lite_rpc.call({"hist_item": h, "top_k": 10, "timeout_ms": 0.001})
+    assert got["err_no"] == 54 and "deadline exceeded" in got["err_msg"], got
+    assert "timeout_ms" in got["err_msg"], got
+    roomy = lite_rpc.call({"hist_item": h, "top_k": 10, "timeout_ms": 20000})
+    assert_same_recall(roomy, want, "rpc, timeout_ms")
     assert_same_recall(recall_http(lite_pipe.url, h, 10), want, "after the expired requests")
 
 
