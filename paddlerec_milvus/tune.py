@@ -35,6 +35,7 @@ SPACE: dict[str, tuple] = {
     "runner.train_batch_size": ("choice", [64, 128, 256]),
     "hyper_parameters.capsual.max_k": ("choice", [2, 4, 6, 8]),
     "hyper_parameters.pow_p": ("choice", [0.5, 1.0, 2.0, 4.0]),
+    "hyper_parameters.embedding_dropout": ("choice", [0.0, 0.1, 0.2, 0.3]),
 }
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
 

@@ -34,6 +34,8 @@ def test_space_holds_the_configs_own_values():
     assert space["hyper_parameters.optimizer.learning_rate"][2] == 0.05
     assert 64 in space["hyper_parameters.neg_samples"][1]
     assert "hyper_parameters.pow_p" not in space  # only keys the config has
+    dropout = space_for({"hyper_parameters.embedding_dropout": 0.25})["hyper_parameters.embedding_dropout"]
+    assert dropout == ("choice", [0.0, 0.1, 0.2, 0.25, 0.3])
 
 
 @pytest.mark.slow
