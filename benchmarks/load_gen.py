@@ -700,6 +700,7 @@ def run_wrk(url: str, bodies: Sequence[dict[str, Any]], concurrency: int, second
     return {"requests": w["requests"] + errors, "status": {k: v for k, v in status.items() if v},
             "ok": lat, "rejected": {"n": rejected, "p50_ms": float("nan"), "p99_ms": float("nan"),
                                     "max_ms": float("nan")},
+            "expired": {"n": 0, "p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")},
             "errors": w["requests"] - w["ok"] - rejected + errors, "ok_rps": w["ok"] / secs,
             "rps": w["requests"] / secs, "seconds": secs, "generator": "wrk"}
 

@@ -15,7 +15,7 @@ from importlib.util import find_spec
 
 import pytest
 
-from benchmarks import load_gen
+from benchmarks import load_gen, serving_load
 
 STALL_S = 0.2
 
@@ -139,6 +139,9 @@ def test_wrk_closed_loop_counts_statuses_and_rotates_bodies(http_server):
     assert 0 < s["ok"]["p50_ms"] <= s["ok"]["p99_ms"] <= s["ok"]["max_ms"]
     assert {json.dumps(b, sort_keys=True) for b in http_server.bodies} == \
         {json.dumps(b, sort_keys=True) for b in bodies}
+    # the load benchmark's table row is built from it
+    row = serving_load._row("demo", "lite", "rest", "batched", "closed c=2", s)
+    assert row["expired"] == 0 and row["rejected"] == s["rejected"]["n"]
 
 
 def test_http_unreachable_server_fails_to_start():
