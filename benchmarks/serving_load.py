@@ -51,7 +51,7 @@ MODES = ("unbatched", "batched")
 CATALOGUES = ("demo", "book")
 BACKENDS = ("lite", "server")
 GEN_PROCESSES = 2  # generator processes of the gRPC closed loop (c > 1) and of every open loop
-PIPELINE_THREADS = 64  # worker_num (gRPC threads), in both modes
+PIPELINE_THREADS = int(os.environ.get("BENCH_WORKER_NUM", 64))  # worker_num (gRPC threads), in both modes
 OP_CONCURRENCY = 2  # threads per Op, in both modes (each takes every queued request at once)
 BOOK_BUDGET = ["runner.epochs=1", "runner.batches_per_epoch=1000"]
 PB_ENV = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
